@@ -1,0 +1,64 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017).
+
+Each class is represented by the mean embedding of its support examples (its prototype);
+queries are classified by a softmax over negative squared Euclidean distances.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metarun.algorithms.base import (
+    BatchNormMode,
+    Predictor,
+    accuracy,
+    batch_norm_mode,
+    buffer_copies,
+)
+from metarun.data.episodes import Episode
+
+
+def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """Class means: ``(n_support, d)`` embeddings, ``(n_support,)`` labels -> ``(ways, d)``."""
+    sums = embeddings.new_zeros(ways, embeddings.shape[1]).index_add_(0, labels, embeddings)
+    counts = torch.bincount(labels, minlength=ways).clamp_min(1).to(embeddings.dtype)
+    return sums / counts[:, None]
+
+
+def squared_euclidean_logits(queries: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """``-||q - c||^2``: ``(n_query, d)`` and ``(ways, d)`` -> logits ``(n_query, ways)``."""
+    return -((queries[:, None, :] - protos[None, :, :]) ** 2).sum(dim=-1)
+
+
+class ProtoNet(nn.Module):
+    """Prototypical Networks on ``backbone`` (no head; any number of ways).
+
+    Args:
+        backbone: embedding network, ``(n, C, H, W) -> (n, d)``.
+        bn_mode: see :class:`BatchNormMode`; the paper's code evaluates with ``running``.
+    """
+
+    def __init__(self, backbone: nn.Module, bn_mode: BatchNormMode | str = BatchNormMode.running):
+        super().__init__()
+        self.backbone = backbone
+        self.bn_mode = BatchNormMode(bn_mode)
+
+    def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        n_support = episode.support_x.shape[0]
+        z = self.backbone(torch.cat([episode.support_x, episode.query_x]))
+        protos = prototypes(z[:n_support], episode.support_y, episode.ways)
+        logits = squared_euclidean_logits(z[n_support:], protos)
+        return F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        buffers = buffer_copies(self.backbone)
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), batch_norm_mode(self.backbone, self.bn_mode):
+                return functional_call(self.backbone, buffers, (x,))
+
+        protos = prototypes(embed(support_x), support_y, int(support_y.max()) + 1)
+        return lambda query_x: squared_euclidean_logits(embed(query_x), protos)

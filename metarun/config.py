@@ -1,0 +1,141 @@
+"""Structured config schemas (Hydra ConfigStore).
+
+The YAML files in ``configs/`` hold the values; these dataclasses hold the types and key
+names, so a misspelled key or a value of the wrong type fails when the config is
+composed. Group files pull their schema in through their defaults list, e.g.
+``configs/algo/maml.yaml`` starts with ``- /schema/algo/maml@_here_``.
+
+Only the standard library, Hydra and OmegaConf are imported here: ``metarun --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class BatchNormMode(str, Enum):
+    # Mirrors metarun.algorithms.base.BatchNormMode without importing torch.
+    transductive = "transductive"
+    running = "running"
+
+
+class AmpMode(str, Enum):
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class TrainConfig:
+    ways: int = MISSING
+    shots: int = MISSING
+    query_shots: int = MISSING
+    meta_batch_size: int = MISSING
+    iterations: int = MISSING
+    meta_lr: float = MISSING
+    lr_decay_every: int = MISSING  # halve (times lr_decay_gamma) every N iterations; 0 = never
+    lr_decay_gamma: float = MISSING
+
+
+@dataclass
+class EvalConfig:
+    ways: int = MISSING
+    shots: int = MISSING
+    query_shots: int = MISSING
+    val_every: int = MISSING  # 0 = no validation during training
+    val_episodes: int = MISSING
+    test_episodes: int = MISSING
+    episode_seed: int = MISSING  # fixes the validation and test episodes for every run
+
+
+@dataclass
+class RunConfig:
+    algo: Any = MISSING
+    dataset: Any = MISSING
+    model: Any = MISSING
+    hardware: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = MISSING
+    log_every: int = MISSING
+    checkpoint_every: int = MISSING
+    data_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+    resume: Optional[str] = None
+
+
+@dataclass
+class MAMLConfig:
+    _target_: str = "metarun.algorithms.MAML"
+    _partial_: bool = True
+    ways: int = MISSING
+    fast_lr: float = MISSING
+    adaptation_steps: int = MISSING
+    test_adaptation_steps: int = MISSING
+    first_order: bool = MISSING
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
+class ProtoNetConfig:
+    _target_: str = "metarun.algorithms.ProtoNet"
+    _partial_: bool = True
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
+class OmniglotConfig:
+    _target_: str = "metarun.data.omniglot.Omniglot"
+    root: Optional[str] = MISSING
+    cache_dir: Optional[str] = MISSING
+    split: str = MISSING
+    image_size: int = MISSING
+    download: bool = MISSING
+    mirror: Optional[str] = None
+
+
+@dataclass
+class Conv4Config:
+    _target_: str = "metarun.models.Conv4"
+    _partial_: bool = True
+    hidden: int = MISSING
+    bn_momentum: float = MISSING
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "metarun.models.MLP"
+    _partial_: bool = True
+    hidden_sizes: list[int] = MISSING
+    batch_norm: bool = MISSING
+
+
+@dataclass
+class HardwareConfig:
+    _target_: str = "metarun.hardware.Hardware"
+    device: str = MISSING  # auto | cpu | cuda | cuda:N
+    amp: AmpMode = MISSING
+    num_threads: Optional[int] = None  # CPU threads; None keeps torch's default
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "schema/algo": {"maml": MAMLConfig, "protonet": ProtoNetConfig},
+    "schema/dataset": {"omniglot": OmniglotConfig},
+    "schema/model": {"conv4": Conv4Config, "mlp": MLPConfig},
+    "schema/hardware": {"hardware": HardwareConfig},
+}
+
+
+def register_configs() -> None:
+    """Registers the schemas with Hydra's ConfigStore (called by the CLI and tests)."""
+    cs = ConfigStore.instance()
+    cs.store(name="metarun_schema", node=RunConfig)
+    for group, nodes in SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=group, name=name, node=node)

@@ -1,0 +1,1 @@
+"""Datasets (class pools) and the episode sampler. Mirrors ``configs/dataset``."""

@@ -1,0 +1,163 @@
+"""Few-shot episodes drawn from a tensor-backed pool of classes.
+
+An episode (a "task") holds ``ways`` classes with ``shots`` labelled support examples
+and ``query_shots`` query examples each. Classes are drawn from one split only, support
+and query never share an image, and the class-to-label assignment is a fresh random
+permutation of ``0..ways-1`` in every episode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class EpisodeError(ValueError):
+    """An episode that the class pool cannot provide (too many ways or shots)."""
+
+
+@dataclass
+class Episode:
+    """One few-shot task. Images are uint8 until :meth:`to` converts them.
+
+    Attributes:
+        support_x: ``(ways * shots, C, H, W)`` support images.
+        support_y: ``(ways * shots,)`` labels in ``0..ways-1``.
+        query_x: ``(ways * query_shots, C, H, W)`` query images.
+        query_y: ``(ways * query_shots,)`` labels in ``0..ways-1``.
+        classes: ``(ways,)`` pool class index of each label (label ``i`` is class ``classes[i]``).
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    classes: torch.Tensor
+
+    @property
+    def ways(self) -> int:
+        return int(self.classes.numel())
+
+    def to(self, device: torch.device | str) -> Episode:
+        """Moves the episode to ``device`` and scales uint8 images to floats in [0, 1]."""
+
+        def prep(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device, non_blocking=True)
+            return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+        return Episode(
+            prep(self.support_x),
+            self.support_y.to(device),
+            prep(self.query_x),
+            self.query_y.to(device),
+            self.classes,
+        )
+
+
+@dataclass
+class ClassPool:
+    """The images of one split, grouped by class.
+
+    Attributes:
+        images: ``(n_images, C, H, W)`` uint8 images.
+        class_items: ``(n_classes, max_per_class)`` indices into ``images``; rows of classes
+            with fewer images are padded with ``-1``.
+        class_names: one name per class, for reports.
+    """
+
+    images: torch.Tensor
+    class_items: torch.Tensor
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        if self.class_items.shape[0] != len(self.class_names):
+            raise ValueError("class_items and class_names disagree on the number of classes")
+        self.counts = (self.class_items >= 0).sum(dim=1)
+
+    @classmethod
+    def from_grouped(cls, images: torch.Tensor, class_names: list[str]) -> ClassPool:
+        """Builds a pool from ``(n_classes, per_class, C, H, W)`` images."""
+        n_classes, per_class = images.shape[:2]
+        items = torch.arange(n_classes * per_class).view(n_classes, per_class)
+        return cls(images.reshape(n_classes * per_class, *images.shape[2:]), items, class_names)
+
+    @property
+    def n_classes(self) -> int:
+        return self.class_items.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+class EpisodeSampler:
+    """Samples episodes from a :class:`ClassPool` with its own seeded generator.
+
+    Args:
+        pool: the classes of one split.
+        ways: classes per episode.
+        shots: support examples per class.
+        query_shots: query examples per class.
+        seed: seed of the sampler's ``torch.Generator``; the same seed gives the same
+            sequence of episodes, whatever else the process does with random numbers.
+    """
+
+    def __init__(self, pool: ClassPool, ways: int, shots: int, query_shots: int, seed: int):
+        per_episode = shots + query_shots
+        if ways < 1 or shots < 1 or query_shots < 1:
+            raise EpisodeError(
+                f"an episode needs ways, shots and query_shots >= 1, got ways={ways}, "
+                f"shots={shots}, query_shots={query_shots}"
+            )
+        if ways > pool.n_classes:
+            raise EpisodeError(
+                f"cannot sample {ways}-way episodes: the split has only {pool.n_classes} "
+                f"classes. Lower `ways` to at most {pool.n_classes}."
+            )
+        eligible = pool.counts >= per_episode
+        if int(eligible.sum()) < ways:
+            raise EpisodeError(
+                f"cannot sample {ways}-way episodes with shots={shots} + query_shots="
+                f"{query_shots} = {per_episode} images per class: only {int(eligible.sum())} "
+                f"classes have that many images (the largest has {int(pool.counts.max())}). "
+                f"Lower `shots`/`query_shots` or `ways`."
+            )
+        self.pool = pool
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.eligible = torch.nonzero(eligible).flatten()
+        self.generator = torch.Generator().manual_seed(seed)
+        # Gathering a few rows with numpy is single-threaded and takes microseconds; torch's
+        # index_select on a large CPU tensor wakes its thread pool, which costs ~1 ms when
+        # the cores are busy with training.
+        self._numpy_images = pool.images.numpy() if pool.images.device.type == "cpu" else None
+
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._numpy_images is None:
+            return self.pool.images.index_select(0, idx.to(self.pool.images.device))
+        return torch.from_numpy(self._numpy_images[idx.numpy()])
+
+    def sample(self) -> Episode:
+        """Draws one episode; see :class:`Episode` for the shapes."""
+        g, pool = self.generator, self.pool
+        order = torch.randperm(self.eligible.numel(), generator=g)[: self.ways]
+        classes = self.eligible.index_select(0, order)
+        items = pool.class_items.index_select(0, classes)  # (ways, max_per_class)
+        # A random key per image; padding gets +inf so it sorts last and is never taken.
+        keys = torch.rand(items.shape, generator=g).masked_fill_(items < 0, float("inf"))
+        picked = items.gather(1, keys.argsort(dim=1)[:, : self.shots + self.query_shots])
+        support, query = picked[:, : self.shots], picked[:, self.shots :]
+        labels = torch.arange(self.ways)
+        return Episode(
+            support_x=self._gather(support.reshape(-1)),
+            support_y=labels.repeat_interleave(self.shots),
+            query_x=self._gather(query.reshape(-1)),
+            query_y=labels.repeat_interleave(self.query_shots),
+            classes=classes,
+        )
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)

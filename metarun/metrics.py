@@ -1,0 +1,89 @@
+"""What a run writes as it goes: ``metrics.jsonl``, TensorBoard events, and progress."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("metarun")
+
+
+class RunLogger:
+    """Writes every logged value to ``metrics.jsonl`` and TensorBoard under ``run_dir``, and
+    shows progress: a bar on a terminal, a log line every ``log_every`` iterations otherwise.
+
+    On resume (``start_iteration > 0``) lines and events after the checkpoint are dropped,
+    so the history reads as if the run had never stopped.
+    """
+
+    def __init__(self, run_dir: Path, total: int, start_iteration: int, log_every: int):
+        from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run starts
+
+        self.path = run_dir / "metrics.jsonl"
+        if start_iteration > 0 and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line and json.loads(line)["iteration"] <= start_iteration
+            ]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+        self.jsonl = open(self.path, "a")
+        self.tb = SummaryWriter(str(run_dir), purge_step=start_iteration + 1 if start_iteration else None)
+        self.total, self.log_every = total, log_every
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start_iteration, unit="it", dynamic_ncols=True)
+        self._window_start = (start_iteration, time.perf_counter())
+
+    def console(self) -> contextlib.AbstractContextManager:
+        """Routes log lines through the bar while it is shown, so they do not break it."""
+        if self.bar is None:
+            return contextlib.nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
+
+    def log(self, iteration: int, values: dict[str, float]) -> None:
+        """Records ``values`` (TensorBoard tags such as ``train/loss``) at ``iteration``."""
+        self.jsonl.write(json.dumps({"iteration": iteration, **values}) + "\n")
+        for tag, value in values.items():
+            self.tb.add_scalar(tag, value, iteration)
+
+    def progress(self, iteration: int, loss: float, acc: float, tasks_per_iteration: int) -> None:
+        """Updates the bar every iteration; every ``log_every`` iterations also logs the rate
+        (``perf/tasks_per_s``) and, without a terminal, a plain progress line."""
+        if self.bar is not None:
+            self.bar.update(iteration - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+        if iteration % self.log_every and iteration != self.total:
+            return
+        start_it, start_t = self._window_start
+        now = time.perf_counter()
+        rate = (iteration - start_it) * tasks_per_iteration / max(now - start_t, 1e-9)
+        self._window_start = (iteration, now)
+        self.log(iteration, {"perf/tasks_per_s": rate})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", tasks_s=f"{rate:.1f}")
+        else:
+            eta = (self.total - iteration) * tasks_per_iteration / max(rate, 1e-9)
+            log.info(
+                "it %d/%d  loss %.4f  acc %.3f  %.1f tasks/s  eta %s",
+                iteration, self.total, loss, acc, rate, _duration(eta),
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
