@@ -1,9 +1,9 @@
 """``metarun``: compose the config with Hydra and hand it to :func:`metarun.runner.run`.
 
-    metarun algo=maml dataset=omniglot
-    metarun experiment=protonet_omniglot_5w1s
-    metarun --multirun algo=maml,protonet seed=0,1
-    metarun resume=outputs/runs/2026-11-22/10-00-00
+metarun algo=maml dataset=omniglot
+metarun experiment=protonet_omniglot_5w1s
+metarun --multirun algo=maml,protonet seed=0,1
+metarun resume=outputs/runs/2026-11-22/10-00-00
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ def _main(cfg: DictConfig) -> float:
     try:
         summary = run(cfg, hydra_cfg.runtime.output_dir, started_at=_STARTED_AT)
     except RunInterrupted as err:
-        log.error("%s", err)
-        sys.exit(130)
+        _fail(str(err), code=130)
     except Exception as err:
         message = _user_error(err)
         if message is None:
@@ -69,10 +68,11 @@ def _user_error(err: BaseException) -> str | None:
     return str(err) if isinstance(err, user_errors) or is_cuda_error else None
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """Logs ``message``, repeats it on stderr and exits with ``code``."""
     log.error("%s", message)
-    print(f"metarun: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    print(f"metarun: {'stopped' if code == 130 else 'error'}: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -65,9 +65,9 @@ class RunConfig:
     seed: int = MISSING
     log_every: int = MISSING
     checkpoint_every: int = MISSING
-    data_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
-    resume: Optional[str] = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    resume: str | None = None
 
 
 @dataclass
@@ -92,12 +92,12 @@ class ProtoNetConfig:
 @dataclass
 class OmniglotConfig:
     _target_: str = "metarun.data.omniglot.Omniglot"
-    root: Optional[str] = MISSING
-    cache_dir: Optional[str] = MISSING
+    root: str | None = MISSING
+    cache_dir: str | None = MISSING
     split: str = MISSING
     image_size: int = MISSING
     download: bool = MISSING
-    mirror: Optional[str] = None
+    mirror: str | None = None
 
 
 @dataclass
@@ -121,7 +121,7 @@ class HardwareConfig:
     _target_: str = "metarun.hardware.Hardware"
     device: str = MISSING  # auto | cpu | cuda | cuda:N
     amp: AmpMode = MISSING
-    num_threads: Optional[int] = None  # CPU threads; None keeps torch's default
+    num_threads: int | None = None  # CPU threads; None keeps torch's default
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

@@ -32,7 +32,9 @@ class RunLogger:
             ]
             self.path.write_text("".join(f"{line}\n" for line in kept))
         self.jsonl = open(self.path, "a")
-        self.tb = SummaryWriter(str(run_dir), purge_step=start_iteration + 1 if start_iteration else None)
+        self.tb = SummaryWriter(
+            str(run_dir), purge_step=start_iteration + 1 if start_iteration else None
+        )
         self.total, self.log_every = total, log_every
         self.bar = None
         if sys.stderr.isatty():
@@ -74,7 +76,12 @@ class RunLogger:
             eta = (self.total - iteration) * tasks_per_iteration / max(rate, 1e-9)
             log.info(
                 "it %d/%d  loss %.4f  acc %.3f  %.1f tasks/s  eta %s",
-                iteration, self.total, loss, acc, rate, _duration(eta),
+                iteration,
+                self.total,
+                loss,
+                acc,
+                rate,
+                _duration(eta),
             )
 
     def close(self) -> None:
@@ -86,4 +93,8 @@ class RunLogger:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

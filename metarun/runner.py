@@ -153,16 +153,35 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
     logger = RunLogger(run_dir, t.iterations, state.iteration, cfg.log_every)
     log.info(
         "%s on %s (%s split): %d/%d/%d train/val/test classes, %s, run folder %s",
-        type(algo).__name__, type(dataset).__name__, cfg.dataset.get("split", "-"),
-        pools["train"].n_classes, pools["val"].n_classes, pools["test"].n_classes,
-        hardware.describe(), run_dir,
+        type(algo).__name__,
+        type(dataset).__name__,
+        cfg.dataset.get("split", "-"),
+        pools["train"].n_classes,
+        pools["val"].n_classes,
+        pools["test"].n_classes,
+        hardware.describe(),
+        run_dir,
     )
     try:
         with logger.console(), _StopFlag() as stop:
             startup_s = time.perf_counter() - started_at
-            train(algo, optimizer, scheduler, hardware, train_sampler, t.meta_batch_size,
-                  t.iterations, state, logger, stop, validate, save, e.val_every,
-                  cfg.checkpoint_every, run_dir)
+            train(
+                algo,
+                optimizer,
+                scheduler,
+                hardware,
+                train_sampler,
+                t.meta_batch_size,
+                t.iterations,
+                state,
+                logger,
+                stop,
+                validate,
+                save,
+                e.val_every,
+                cfg.checkpoint_every,
+                run_dir,
+            )
         if state.iteration < t.iterations:  # stopped by a signal
             raise RunInterrupted(run_dir, state.iteration)
         if (run_dir / "checkpoints" / BEST).exists():
@@ -185,7 +204,9 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
             "training": {
                 "iterations": state.iteration,
                 "seconds": round(state.train_seconds, 1),
-                "tasks_per_s": round(state.iteration * t.meta_batch_size / max(state.train_seconds, 1e-9), 2),
+                "tasks_per_s": round(
+                    state.iteration * t.meta_batch_size / max(state.train_seconds, 1e-9), 2
+                ),
                 "startup_seconds": None if resume_from else round(startup_s, 2),
                 "hardware": hardware.describe(),
                 "cpu": platform.processor() or platform.machine(),
@@ -260,7 +281,11 @@ def train(
             if val.mean > state.best_val_acc:
                 state.best_val_acc, state.best_iteration = val.mean, state.iteration
                 save(BEST)
-        if state.iteration % checkpoint_every == 0 or state.iteration == iterations or stop.requested:
+        if (
+            state.iteration % checkpoint_every == 0
+            or state.iteration == iterations
+            or stop.requested
+        ):
             save(LAST)
 
 
@@ -277,7 +302,7 @@ def _protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, 
         "episode_seed": cfg.eval.episode_seed,
         "algorithm": type(algo).__name__,
         "algo": {k: v for k, v in algo_cfg.items() if not k.startswith("_")},
-        "bn_mode": getattr(algo, "bn_mode").value,
+        "bn_mode": algo.bn_mode.value,
         "model": cfg.model._target_.rsplit(".", 1)[-1],
     }
 

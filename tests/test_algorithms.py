@@ -26,7 +26,9 @@ class TinyBackbone(nn.Module):
         return torch.tanh(self.linear(x.flatten(1)))
 
 
-def tiny_episode(ways: int = 3, shots: int = 2, query: int = 2, d: int = 4, seed: int = 0) -> Episode:
+def tiny_episode(
+    ways: int = 3, shots: int = 2, query: int = 2, d: int = 4, seed: int = 0
+) -> Episode:
     g = torch.Generator().manual_seed(seed)
     return Episode(
         support_x=torch.randn(ways * shots, d, generator=g, dtype=torch.float64),
@@ -39,8 +41,14 @@ def tiny_episode(ways: int = 3, shots: int = 2, query: int = 2, d: int = 4, seed
 
 def tiny_maml(first_order: bool, steps: int = 2) -> MAML:
     torch.manual_seed(0)
-    return MAML(TinyBackbone(), ways=3, fast_lr=0.3, adaptation_steps=steps,
-                test_adaptation_steps=steps, first_order=first_order).double()
+    return MAML(
+        TinyBackbone(),
+        ways=3,
+        fast_lr=0.3,
+        adaptation_steps=steps,
+        test_adaptation_steps=steps,
+        first_order=first_order,
+    ).double()
 
 
 def flat_grad(algo: nn.Module) -> torch.Tensor:
@@ -64,19 +72,23 @@ def test_second_order_meta_gradient_matches_finite_differences():
                         values.append(algo.meta_loss(ep)[0].item())
                 p.view(-1)[i] = orig
                 numeric.append((values[0] - values[1]) / (2 * eps))
-    torch.testing.assert_close(analytic, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(
+        analytic, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-8
+    )
 
 
 def test_first_order_gradient_is_the_query_gradient_at_the_adapted_weights():
     algo, ep = tiny_maml(first_order=True), tiny_episode()
     algo.meta_loss(ep)[0].backward()
-    # The manual formula: theta' = theta - lr * grad L_support (repeated), then grad L_query(theta').
+    # Manual formula: theta' = theta - lr * grad L_support (twice), then grad L_query(theta').
     params = {n: p.detach().clone() for n, p in algo.model.named_parameters()}
     for _ in range(2):
         fast = {n: p.clone().requires_grad_() for n, p in params.items()}
-        loss = F.cross_entropy(torch.func.functional_call(algo.model, fast, (ep.support_x,)), ep.support_y)
+        loss = F.cross_entropy(
+            torch.func.functional_call(algo.model, fast, (ep.support_x,)), ep.support_y
+        )
         grads = torch.autograd.grad(loss, list(fast.values()))
-        params = {n: p - 0.3 * g for (n, p), g in zip(params.items(), grads)}
+        params = {n: p - 0.3 * g for (n, p), g in zip(params.items(), grads, strict=True)}
     fast = {n: p.clone().requires_grad_() for n, p in params.items()}
     loss = F.cross_entropy(torch.func.functional_call(algo.model, fast, (ep.query_x,)), ep.query_y)
     expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(fast.values()))])
@@ -89,8 +101,13 @@ def test_first_order_gradient_is_the_query_gradient_at_the_adapted_weights():
 
 def test_adapt_leaves_the_model_and_its_batchnorm_statistics_untouched():
     torch.manual_seed(0)
-    algo = MAML(Conv4((1, 28, 28), hidden=4), ways=5, fast_lr=0.4, adaptation_steps=1,
-                test_adaptation_steps=3)
+    algo = MAML(
+        Conv4((1, 28, 28), hidden=4),
+        ways=5,
+        fast_lr=0.4,
+        adaptation_steps=1,
+        test_adaptation_steps=3,
+    )
     before = {k: v.clone() for k, v in algo.state_dict().items()}
     x, y = torch.rand(5, 1, 28, 28), torch.arange(5)
     algo.eval()
@@ -119,7 +136,9 @@ def test_protonet_logits_match_a_hand_computation():
     torch.testing.assert_close(protos, torch.tensor([[1.0, 0.0], [0.0, 3.0]]))
     query = torch.tensor([[1.0, 1.0]])
     # distances^2: to (1,0): 0 + 1 = 1; to (0,3): 1 + 4 = 5
-    torch.testing.assert_close(squared_euclidean_logits(query, protos), torch.tensor([[-1.0, -5.0]]))
+    torch.testing.assert_close(
+        squared_euclidean_logits(query, protos), torch.tensor([[-1.0, -5.0]])
+    )
 
 
 def test_protonet_meta_loss_is_cross_entropy_over_negative_distances():

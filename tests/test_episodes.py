@@ -40,7 +40,7 @@ def test_support_query_disjoint_and_labelled_by_class(ways, shots, query):
         assert len(set(s_ids) | set(q_ids)) == ways * (shots + query)  # no image twice
         assert ep.support_y.tolist() == [y for y in range(ways) for _ in range(shots)]
         assert sorted(ep.query_y.tolist()) == sorted(y for y in range(ways) for _ in range(query))
-        for i, y in zip(s_ids + q_ids, ep.support_y.tolist() + ep.query_y.tolist()):
+        for i, y in zip(s_ids + q_ids, ep.support_y.tolist() + ep.query_y.tolist(), strict=True):
             assert who[i] == int(ep.classes[y])  # label y is class classes[y]
         assert len(set(ep.classes.tolist())) == ways
 

@@ -84,7 +84,9 @@ def test_wrong_archive_contents_are_a_clear_error(data_dir, tmp_path):
 
 
 def test_missing_data_offline_names_the_folder_and_files(tmp_path):
-    with pytest.raises(DataError, match=r"(?s)missing from .*empty/omniglot.*images_background\.zip"):
+    with pytest.raises(
+        DataError, match=r"(?s)missing from .*empty/omniglot.*images_background\.zip"
+    ):
         Omniglot(str(tmp_path / "empty"), str(tmp_path / "cache"), download=False)
 
 
@@ -114,7 +116,9 @@ def test_download_from_a_mirror_with_matching_checksums(data_dir, tmp_path, monk
 
 def test_unreachable_mirror_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="Download failed"):
-        Omniglot(str(tmp_path / "data"), str(tmp_path / "cache"), mirror=(tmp_path / "nowhere").as_uri())
+        Omniglot(
+            str(tmp_path / "data"), str(tmp_path / "cache"), mirror=(tmp_path / "nowhere").as_uri()
+        )
 
 
 def test_extracted_folders_are_read_like_zips(data_dir, tmp_path, omniglot):

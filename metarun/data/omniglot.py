@@ -241,9 +241,7 @@ def _decode_files(files: dict, size: int) -> tuple[list[str], torch.Tensor]:
 def available(root: str | None) -> bool:
     """Whether both Omniglot archives (or folders) are in ``root``."""
     folder = data_root(root) / "omniglot"
-    return all(
-        (folder / n).exists() or (folder / f"{n}.zip").exists() for n in ARCHIVES
-    )
+    return all((folder / n).exists() or (folder / f"{n}.zip").exists() for n in ARCHIVES)
 
 
 __all__ = ["Omniglot", "available", "DataError"]

@@ -19,7 +19,9 @@ class Conv4(nn.Module):
         and 1600 for 84x84 with ``hidden=64``.
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], hidden: int = 64, bn_momentum: float = 0.1):
+    def __init__(
+        self, input_shape: tuple[int, int, int], hidden: int = 64, bn_momentum: float = 0.1
+    ):
         super().__init__()
         channels, height, width = input_shape
         blocks = []
