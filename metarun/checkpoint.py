@@ -3,7 +3,7 @@ validation and the resolved config. Written atomically; loaded with ``weights_on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ class TrainState:
     best_val_acc: float = -1.0
     best_iteration: int = -1
     train_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def save(
@@ -54,6 +53,31 @@ def save(
             "config": config,
         },
         path,
+    )
+
+
+def restore(
+    ckpt: dict[str, Any],
+    *,
+    algo: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    sampler: Any,
+) -> TrainState:
+    """Puts everything :func:`save` wrote back in place, RNG states included, so training
+    continues exactly as if it had not stopped; returns the loop's state."""
+    algo.load_state_dict(ckpt["algo"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["grad_scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    sampler.set_state(ckpt["rng"]["train_sampler"])
+    return TrainState(
+        ckpt["iteration"], ckpt["best_val_acc"], ckpt["best_iteration"], ckpt["train_seconds"]
     )
 
 

@@ -20,7 +20,15 @@ from omegaconf import MISSING
 
 
 class BatchNormMode(str, Enum):
-    # Mirrors metarun.algorithms.base.BatchNormMode without importing torch.
+    """How BatchNorm layers normalise during evaluation (recorded with every result).
+
+    ``transductive``: batch statistics of the batch at hand, in training and evaluation;
+        at test time the query set is normalised with its own statistics, as in the MAML
+        paper's code.
+    ``running``: training uses batch statistics; evaluation uses the running averages
+        collected in meta-training, so each query is classified independently.
+    """
+
     transductive = "transductive"
     running = "running"
 

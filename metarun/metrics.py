@@ -70,6 +70,7 @@ class RunLogger:
         rate = (iteration - start_it) * tasks_per_iteration / max(now - start_t, 1e-9)
         self._window_start = (iteration, now)
         self.log(iteration, {"perf/tasks_per_s": rate})
+        self.jsonl.flush()
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", tasks_s=f"{rate:.1f}")
         else:

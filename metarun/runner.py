@@ -116,20 +116,13 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
     )
     state = TrainState()
     if resume_from is not None:
-        algo.load_state_dict(resume_from["algo"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume_from["scheduler"])
-        hardware.scaler.load_state_dict(resume_from["grad_scaler"])
-        torch.set_rng_state(resume_from["rng"]["torch"])
-        if resume_from["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume_from["rng"]["cuda"])
-        train_sampler.set_state(resume_from["rng"]["train_sampler"])
-        state = TrainState(
-            resume_from["iteration"],
-            resume_from["best_val_acc"],
-            resume_from["best_iteration"],
-            resume_from["train_seconds"],
+        state = checkpoint.restore(
+            resume_from,
+            algo=algo,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=hardware.scaler,
+            sampler=train_sampler,
         )
     else:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

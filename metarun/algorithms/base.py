@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from enum import Enum
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from metarun.config import BatchNormMode
 from metarun.data.episodes import Episode
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """Maps query images ``(n_query, C, H, W)`` to logits ``(n_query, ways)``."""
-
-
-class BatchNormMode(str, Enum):
-    """How BatchNorm layers normalise during evaluation (recorded with every result).
-
-    ``transductive``: batch statistics of the batch at hand, in training and evaluation;
-        at test time the query set is normalised with its own statistics, as in the MAML
-        paper's code.
-    ``running``: training uses batch statistics; evaluation uses the running averages
-        collected in meta-training, so each query is classified independently.
-    """
-
-    transductive = "transductive"
-    running = "running"
 
 
 @runtime_checkable

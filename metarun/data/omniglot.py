@@ -87,9 +87,8 @@ class Omniglot:
         if self.split == "vinyals":
             chars = _packaged_split(split)
             return self._rotated_pool([self._index[c] for c in chars], chars)
-        names = [c for c in self.characters if _in_lake_split(c, split)]
-        idx = [self.characters.index(c) for c in names]
-        return ClassPool.from_grouped(self.images[idx], names)
+        idx = [i for i, c in enumerate(self.characters) if _in_lake_split(c, split)]
+        return ClassPool.from_grouped(self.images[idx], [self.characters[i] for i in idx])
 
     def _rotated_pool(self, idx: list[int], names: list[str]) -> ClassPool:
         """Each character at 0/90/180/270 degrees (counter-clockwise) as 4 classes."""
@@ -238,10 +237,4 @@ def _decode_files(files: dict, size: int) -> tuple[list[str], torch.Tensor]:
     return chars, out
 
 
-def available(root: str | None) -> bool:
-    """Whether both Omniglot archives (or folders) are in ``root``."""
-    folder = data_root(root) / "omniglot"
-    return all((folder / n).exists() or (folder / f"{n}.zip").exists() for n in ARCHIVES)
-
-
-__all__ = ["Omniglot", "available", "DataError"]
+__all__ = ["Omniglot", "DataError"]
