@@ -76,8 +76,8 @@ class MAML(nn.Module):
         for _ in range(steps):
             loss = F.cross_entropy(functional_call(self.model, (params, buffers), (x,)), y)
             grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
-            steps = zip(params.items(), grads, strict=True)
-            params = {name: p - self.fast_lr * g for (name, p), g in steps}
+            updates = zip(params.items(), grads, strict=True)
+            params = {name: p - self.fast_lr * g for (name, p), g in updates}
         return params
 
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
