@@ -3,6 +3,7 @@ validation and the resolved config. Written atomically; loaded with ``weights_on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ class TrainState:
     """What the training loop needs to continue exactly where it stopped."""
 
     iteration: int = 0
-    best_val_acc: float = -1.0
+    best_val_acc: float = -math.inf  # the best validation score (negated MSE for regression)
     best_iteration: int = -1
     train_seconds: float = 0.0
 

@@ -13,7 +13,11 @@ import time
 _STARTED_AT = time.perf_counter()
 
 import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -25,10 +29,12 @@ log = logging.getLogger("metarun")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
-def _main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float | None:
+    job_started_at = time.perf_counter()
     from metarun.runner import RunInterrupted, run
 
     hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
     if cfg.resume:
         others = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
         if others:
@@ -37,7 +43,9 @@ def _main(cfg: DictConfig) -> float:
                 f"other overrides ({' '.join(others)}) or start a new run without resume."
             )
     try:
-        summary = run(cfg, hydra_cfg.runtime.output_dir, started_at=_STARTED_AT)
+        # A sweep runs several jobs in one process: each job's start-up counts from its start.
+        started_at = job_started_at if multirun else _STARTED_AT
+        summary = run(cfg, hydra_cfg.runtime.output_dir, started_at=started_at)
     except RunInterrupted as err:
         _fail(str(err), code=130)
     except Exception as err:
@@ -45,11 +53,14 @@ def _main(cfg: DictConfig) -> float:
         if message is None:
             raise
         # In a sweep, one failed job must not stop the others.
-        if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+        if multirun:
             log.error("job failed: %s", message)
-            return float("nan")
+            return None  # the Optuna sweeper records a failed trial (a NaN would stop it)
         _fail(message)
-    return summary["val/acc"]
+    if not summary:  # a torchrun process other than rank 0
+        return None
+    objective = summary["val/acc"] if "val/acc" in summary else summary["val/mse"]  # regression
+    return None if math.isnan(objective) else objective  # NaN: no validation ran
 
 
 def _user_error(err: BaseException) -> str | None:
@@ -78,6 +89,11 @@ def _fail(message: str, code: int = 2) -> None:
 def main() -> None:
     """Console entry point (``[project.scripts] metarun``)."""
     register_configs()
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:  # under torchrun only rank 0 writes the run folder (metarun.distributed)
+        scratch = Path(tempfile.gettempdir()) / f"metarun-rank{rank}"
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+        sys.argv += [f"hydra.run.dir={scratch}"]
     _main()
 
 

@@ -18,6 +18,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from metarun.continual.schemas import ALGO_SCHEMAS, SCENARIO_SCHEMAS
+
 
 class BatchNormMode(str, Enum):
     """How BatchNorm layers normalise during evaluation (recorded with every result).
@@ -60,6 +62,7 @@ class EvalConfig:
     val_episodes: int = MISSING
     test_episodes: int = MISSING
     episode_seed: int = MISSING  # fixes the validation and test episodes for every run
+    report_steps: list[int] = MISSING  # also test after these numbers of adaptation steps
 
 
 @dataclass
@@ -76,6 +79,7 @@ class RunConfig:
     data_dir: str | None = None
     cache_dir: str | None = None
     resume: str | None = None
+    scenario: Any = None  # a task stream (configs/scenario): lifelong learning instead
 
 
 @dataclass
@@ -87,6 +91,40 @@ class MAMLConfig:
     adaptation_steps: int = MISSING
     test_adaptation_steps: int = MISSING
     first_order: bool = MISSING
+    bn_mode: BatchNormMode = MISSING
+    engine: str = "loop"  # loop | vmap | l2l (see metarun.algorithms.MAML)
+
+
+@dataclass
+class MetaSGDConfig(MAMLConfig):
+    _target_: str = "metarun.algorithms.MetaSGD"
+    fast_lr_range: list[float] | None = MISSING  # [low, high] random start; null: fast_lr
+
+
+@dataclass
+class MAMLPlusPlusConfig(MAMLConfig):
+    _target_: str = "metarun.algorithms.MAMLPlusPlus"
+    multi_step_loss: bool = MISSING
+    msl_anneal_tasks: int = MISSING
+    learn_step_lrs: bool = MISSING
+    first_order_until_tasks: int = MISSING
+
+
+@dataclass
+class ANILConfig(MAMLConfig):
+    _target_: str = "metarun.algorithms.ANIL"
+
+
+@dataclass
+class ReptileConfig:
+    _target_: str = "metarun.algorithms.Reptile"
+    _partial_: bool = True
+    ways: int = MISSING
+    fast_lr: float = MISSING
+    adaptation_steps: int = MISSING
+    test_adaptation_steps: int = MISSING
+    inner_optimizer: str = MISSING  # sgd | adam
+    inner_batch_size: int | None = MISSING  # null: the whole support set per step
     bn_mode: BatchNormMode = MISSING
 
 
@@ -109,6 +147,36 @@ class OmniglotConfig:
 
 
 @dataclass
+class MiniImageNetConfig:
+    _target_: str = "metarun.data.miniimagenet.MiniImageNet"
+    root: str | None = MISSING
+    cache_dir: str | None = MISSING
+    split: str = MISSING  # ravi | val_test_reduced
+    image_size: int = MISSING
+    source: str = MISSING  # auto | raw | pickle
+    reduced_val_classes: int = MISSING
+    download: bool = MISSING
+
+
+@dataclass
+class Learn2LearnDatasetConfig:
+    _target_: str = "metarun.learn2learn_adapter.Learn2LearnDataset"
+    name: str = MISSING  # tiered_imagenet | cifar_fs | fc100 | cub200
+    root: str | None = MISSING
+    cache_dir: str | None = MISSING
+    image_size: int = MISSING
+    download: bool = MISSING
+
+
+@dataclass
+class SinusoidConfig:
+    _target_: str = "metarun.data.sinusoid.Sinusoid"
+    amplitude: list[float] = MISSING  # [low, high]
+    phase: list[float] = MISSING  # [low, high], radians
+    x_range: list[float] = MISSING  # [low, high]
+
+
+@dataclass
 class Conv4Config:
     _target_: str = "metarun.models.Conv4"
     _partial_: bool = True
@@ -125,18 +193,52 @@ class MLPConfig:
 
 
 @dataclass
+class ResNet12Config:
+    _target_: str = "metarun.models.ResNet12"
+    _partial_: bool = True
+    channels: list[int] = MISSING
+    avg_pool: bool = MISSING
+    bn_momentum: float = MISSING
+
+
+@dataclass
+class MNISTConfig:
+    _target_: str = "metarun.data.mnist.MNIST"
+    root: str | None = MISSING
+    variant: str = MISSING  # mnist | fashion_mnist
+    download: bool = MISSING
+    mirror: str | None = None
+
+
+@dataclass
 class HardwareConfig:
     _target_: str = "metarun.hardware.Hardware"
     device: str = MISSING  # auto | cpu | cuda | cuda:N
     amp: AmpMode = MISSING
     num_threads: int | None = None  # CPU threads; None keeps torch's default
+    channels_last: bool = False  # NHWC images and conv weights
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "schema/algo": {"maml": MAMLConfig, "protonet": ProtoNetConfig},
-    "schema/dataset": {"omniglot": OmniglotConfig},
-    "schema/model": {"conv4": Conv4Config, "mlp": MLPConfig},
+    "schema/algo": {
+        "maml": MAMLConfig,
+        "protonet": ProtoNetConfig,
+        "metasgd": MetaSGDConfig,
+        "anil": ANILConfig,
+        "mamlpp": MAMLPlusPlusConfig,
+        "reptile": ReptileConfig,
+        **ALGO_SCHEMAS,
+    },
+    "schema/dataset": {
+        "omniglot": OmniglotConfig,
+        "miniimagenet": MiniImageNetConfig,
+        "learn2learn": Learn2LearnDatasetConfig,
+        "sinusoid": SinusoidConfig,
+        "mnist": MNISTConfig,
+    },
+    "schema/model": {"conv4": Conv4Config, "mlp": MLPConfig, "resnet12": ResNet12Config},
     "schema/hardware": {"hardware": HardwareConfig},
+    "schema/scenario": SCENARIO_SCHEMAS,
 }
 
 

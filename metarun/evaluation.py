@@ -1,8 +1,10 @@
-"""Accuracy over fixed, seeded episodes, reported as mean and 95% confidence interval."""
+"""A task metric (accuracy, or MSE for regression) over fixed, seeded episodes, reported as
+mean and 95% confidence interval."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,15 +16,29 @@ from metarun.hardware import Hardware
 
 @dataclass
 class EvalResult:
-    """``mean`` accuracy over ``episodes`` and the half-width ``ci95 = 1.96 * std / sqrt(n)``
-    of its normal 95% confidence interval (std over episodes, n - 1 in the denominator)."""
+    """``mean`` of the ``metric`` over ``episodes`` and the half-width
+    ``ci95 = 1.96 * std / sqrt(n)`` of its normal 95% confidence interval (std over
+    episodes, n - 1 in the denominator)."""
 
     mean: float
     ci95: float
     episodes: int
+    metric: str = "acc"
 
     def __str__(self) -> str:
-        return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}% ({self.episodes} episodes)"
+        if self.metric == "acc":
+            return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}% ({self.episodes} episodes)"
+        return f"{self.metric} {self.mean:.4f} ± {self.ci95:.4f} ({self.episodes} episodes)"
+
+
+def episode_sampler(
+    pool: ClassPool, ways: int, shots: int, query_shots: int, seed: int
+) -> EpisodeSampler:
+    """The seeded sampler of a split: an :class:`EpisodeSampler` over a class pool, or the
+    split's own sampler for a task family that is not made of classes (sinusoids)."""
+    if hasattr(pool, "sampler"):
+        return pool.sampler(ways, shots, query_shots, seed)
+    return EpisodeSampler(pool, ways, shots, query_shots, seed=seed)
 
 
 def fixed_episodes(
@@ -30,25 +46,34 @@ def fixed_episodes(
 ) -> EpisodeSampler:
     """A sampler whose episodes depend only on the pool, the episode shape and ``seed``, so
     every run and every algorithm is evaluated on the same episodes."""
-    return EpisodeSampler(pool, ways, shots, query_shots, seed=seed)
+    return episode_sampler(pool, ways, shots, query_shots, seed)
 
 
 def evaluate(
-    algo: MetaLearner, sampler: EpisodeSampler, episodes: int, hardware: Hardware
+    algo: MetaLearner,
+    sampler: EpisodeSampler,
+    episodes: int,
+    hardware: Hardware,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = accuracy,
+    metric: str = "acc",
+    steps: int | None = None,
 ) -> EvalResult:
     """Adapts ``algo`` to the support set of each of the next ``episodes`` episodes and
-    scores its query predictions. The algorithm's state is left as it was."""
+    scores its query predictions with ``score`` (the task's metric, named ``metric``).
+    ``steps`` asks a gradient-based algorithm for that many adaptation steps instead of its
+    ``test_adaptation_steps``. The algorithm's state is left as it was."""
+    adapt_kwargs = {} if steps is None else {"steps": steps}
     was_training = algo.training  # type: ignore[attr-defined]
     algo.eval()  # type: ignore[attr-defined]
     accs = torch.empty(episodes)
     try:
         for i in range(episodes):
-            ep = sampler.sample().to(hardware.device)
+            ep = sampler.sample().to(hardware.device, hardware.memory_format)
             with hardware.autocast():
-                predict = algo.adapt(ep.support_x, ep.support_y)
+                predict = algo.adapt(ep.support_x, ep.support_y, **adapt_kwargs)
                 with torch.no_grad():
-                    accs[i] = accuracy(predict(ep.query_x), ep.query_y).item()
+                    accs[i] = score(predict(ep.query_x), ep.query_y).item()
     finally:
         algo.train(was_training)  # type: ignore[attr-defined]
     std = accs.std().item() if episodes > 1 else 0.0
-    return EvalResult(accs.mean().item(), 1.96 * std / math.sqrt(episodes), episodes)
+    return EvalResult(accs.mean().item(), 1.96 * std / math.sqrt(episodes), episodes, metric)

@@ -99,3 +99,23 @@ def _duration(seconds: float) -> str:
         if seconds >= 3600
         else f"{seconds // 60}m{seconds % 60:02d}s"
     )
+
+
+class NullLogger:
+    """A :class:`RunLogger` that records nothing: used by every process but rank 0 of a
+    ``torchrun`` job, so one process writes the run folder."""
+
+    def __init__(self, run_dir: Path, total: int, start_iteration: int, log_every: int):
+        pass
+
+    def console(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def log(self, iteration: int, values: dict[str, float]) -> None:
+        pass
+
+    def progress(self, iteration: int, loss: float, acc: float, tasks_per_iteration: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -22,10 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import metarun
 from metarun import checkpoint
+from metarun.algorithms.base import CLASSIFICATION, TaskKind
 from metarun.checkpoint import BEST, LAST, TrainState
-from metarun.data.episodes import EpisodeSampler
-from metarun.evaluation import EvalResult, evaluate, fixed_episodes
-from metarun.metrics import RunLogger
+from metarun.data.episodes import Episode, EpisodeSampler
+from metarun.distributed import DataParallel
+from metarun.evaluation import EvalResult, episode_sampler, evaluate, fixed_episodes
+from metarun.metrics import NullLogger, RunLogger
 
 log = logging.getLogger("metarun")
 
@@ -92,22 +94,29 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         resume_from = checkpoint.load(run_dir / "checkpoints" / LAST)
         cfg = OmegaConf.create(resume_from["config"])
         log.info("resuming %s from iteration %d", run_dir, resume_from["iteration"])
-    run_dir = Path(run_dir)
+    from metarun.continual.loop import run_stream, wants_stream
+
+    if wants_stream(cfg):  # a task stream (scenario=...): lifelong learning
+        return run_stream(cfg, run_dir, started_at, resume_from)
+    hardware = instantiate(cfg.hardware)
+    parallel = DataParallel(hardware.device)  # one process unless started by torchrun
+    run_dir = Path(parallel.broadcast(str(run_dir)))  # rank 0's folder for every process
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
-    hardware = instantiate(cfg.hardware)
     torch.manual_seed(cfg.seed)
     dataset = instantiate(cfg.dataset)
     pools = {split: dataset.pool(split) for split in ("train", "val", "test")}
     t = cfg.train
-    train_sampler = EpisodeSampler(pools["train"], t.ways, t.shots, t.query_shots, seed=cfg.seed)
+    train_sampler = episode_sampler(pools["train"], t.ways, t.shots, t.query_shots, seed=cfg.seed)
+    # Classification unless the dataset says otherwise (sinusoids are regression).
+    task: TaskKind = getattr(dataset, "task", CLASSIFICATION)
     # Fail now, not after training, if the evaluation episodes are impossible.
     e = cfg.eval
     for split in ("val", "test"):
         fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed)
     backbone = instantiate(cfg.model)(input_shape=dataset.image_shape)
-    algo = instantiate(cfg.algo)(backbone=backbone).to(hardware.device)
+    algo = hardware.prepare(instantiate(cfg.algo)(backbone=backbone, task=task))
     optimizer = torch.optim.Adam(algo.parameters(), lr=t.meta_lr)
     scheduler = (
         torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_every, t.lr_decay_gamma)
@@ -124,8 +133,10 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
             scaler=hardware.scaler,
             sampler=train_sampler,
         )
-    else:
+    elif parallel.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    parallel.copy_from_main(algo)
 
     def save(name: str) -> None:
         checkpoint.save(
@@ -141,11 +152,13 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
 
     def validate() -> EvalResult:
         sampler = fixed_episodes(pools["val"], e.ways, e.shots, e.query_shots, e.episode_seed)
-        return evaluate(algo, sampler, e.val_episodes, hardware)
+        return evaluate(algo, sampler, e.val_episodes, hardware, task.score, task.metric)
 
-    logger = RunLogger(run_dir, t.iterations, state.iteration, cfg.log_every)
+    logger = (RunLogger if parallel.is_main else NullLogger)(
+        run_dir, t.iterations, state.iteration, cfg.log_every
+    )
     log.info(
-        "%s on %s (%s split): %d/%d/%d train/val/test classes, %s, run folder %s",
+        "%s on %s (%s split): %s/%s/%s train/val/test classes, %s, run folder %s",
         type(algo).__name__,
         type(dataset).__name__,
         cfg.dataset.get("split", "-"),
@@ -174,25 +187,43 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
                 e.val_every,
                 cfg.checkpoint_every,
                 run_dir,
+                task,
+                parallel,
             )
         if state.iteration < t.iterations:  # stopped by a signal
             raise RunInterrupted(run_dir, state.iteration)
+        if not parallel.is_main:  # rank 0 validates, tests and writes the results
+            return {}
         if (run_dir / "checkpoints" / BEST).exists():
             algo.load_state_dict(checkpoint.load(run_dir / "checkpoints" / BEST)["algo"])
         test_sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
-        test = evaluate(algo, test_sampler, e.test_episodes, hardware)
-        log.info("test accuracy %s", test)
-        logger.log(state.iteration, {"test/acc": test.mean, "test/ci95": test.ci95})
+        m = task.metric  # "acc", or "mse" for regression
+        test = evaluate(algo, test_sampler, e.test_episodes, hardware, task.score, m)
+        log.info("test %s", test)
+        logger.log(state.iteration, {f"test/{m}": test.mean, "test/ci95": test.ci95})
+        after_steps = {}  # the same test episodes after other numbers of adaptation steps
+        for steps in e.report_steps:
+            sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
+            result = evaluate(algo, sampler, e.test_episodes, hardware, task.score, m, steps)
+            log.info("test after %d adaptation steps: %s", steps, result)
+            logger.log(state.iteration, {f"test/{m}_step{steps}": result.mean})
+            after_steps[str(steps)] = {m: result.mean, "ci95": result.ci95}
+        if hasattr(dataset, "figures"):  # e.g. a few adapted sinusoid curves
+            sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
+            for tag, image in dataset.figures(algo, sampler, e.report_steps).items():
+                logger.tb.add_image(f"test/{tag}", image, state.iteration)
+        best_val = state.best_val_acc if task.higher_is_better else -state.best_val_acc
         summary = {
-            "val/acc": state.best_val_acc if state.best_iteration >= 0 else float("nan"),
-            "test/acc": test.mean,
+            f"val/{m}": best_val if state.best_iteration >= 0 else float("nan"),
+            f"test/{m}": test.mean,
             "test/ci95": test.ci95,
         }
         hparams = _hparams(config)
-        logger.tb.add_hparams(hparams, {"hparam/test_acc": test.mean}, run_name=".")
+        logger.tb.add_hparams(hparams, {f"hparam/test_{m}": test.mean}, run_name=".")
         results = {
-            "test": {"acc": test.mean, "ci95": test.ci95, "episodes": test.episodes},
-            "val": {"best_acc": summary["val/acc"], "best_iteration": state.best_iteration},
+            "test": {m: test.mean, "ci95": test.ci95, "episodes": test.episodes}
+            | ({"after_steps": after_steps} if after_steps else {}),
+            "val": {f"best_{m}": summary[f"val/{m}"], "best_iteration": state.best_iteration},
             "protocol": _protocol(cfg, pools, algo),
             "training": {
                 "iterations": state.iteration,
@@ -215,6 +246,7 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         return summary
     finally:
         logger.close()
+        parallel.close()
 
 
 def train(
@@ -233,22 +265,32 @@ def train(
     val_every: int,
     checkpoint_every: int,
     run_dir: Path,
+    task: TaskKind = CLASSIFICATION,
+    parallel: DataParallel | None = None,
 ) -> None:
     """The meta-training loop: meta-batch -> adaptation and query loss per task ->
-    meta-update -> logging -> validation -> checkpoint. Updates ``state`` in place."""
+    meta-update -> logging -> validation -> checkpoint. Updates ``state`` in place.
+    ``task`` names the metric (``train/acc`` or ``train/mse``) and its direction; under
+    ``torchrun``, ``parallel`` splits each meta-batch across the processes."""
+    parallel = parallel or DataParallel(hardware.device)
     algo.train()
-    while state.iteration < iterations and not stop.requested:
+    while state.iteration < iterations:
         tic = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=hardware.device)
         acc_sum = torch.zeros((), device=hardware.device)
-        for _ in range(meta_batch_size):
-            episode = sampler.sample().to(hardware.device)
+        meta_batch = [sampler.sample() for _ in range(meta_batch_size)]  # same on every rank
+        for episode in task_batches(algo, parallel.share(meta_batch)):
+            episode = episode.to(hardware.device, hardware.memory_format)
             with hardware.autocast():
                 loss, acc = algo.meta_loss(episode)  # inner loop + query loss
-            hardware.scaler.scale(loss / meta_batch_size).backward()
-            loss_sum += loss.detach()
-            acc_sum += acc.detach()
+            hardware.scaler.scale(loss * episode.tasks / meta_batch_size).backward()
+            loss_sum += loss.detach() * episode.tasks
+            acc_sum += acc.detach() * episode.tasks
+        parallel.sum_gradients(algo)  # the whole meta-batch's gradient on every rank
+        # One all-reduce: the meta-batch's loss and metric, and whether any rank must stop.
+        stop_votes = torch.tensor(float(stop.requested), device=hardware.device)
+        loss_sum, acc_sum, stop_votes = parallel.sum(loss_sum, acc_sum, stop_votes)
         mean_loss = loss_sum.item() / meta_batch_size
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
@@ -261,25 +303,39 @@ def train(
         hardware.scaler.update()
         if scheduler is not None:
             scheduler.step()
+        parallel.average_buffers(algo)
         state.iteration += 1
         state.train_seconds += time.perf_counter() - tic
 
         mean_acc = acc_sum.item() / meta_batch_size
-        logger.log(state.iteration, {"train/loss": mean_loss, "train/acc": mean_acc})
+        logger.log(state.iteration, {"train/loss": mean_loss, f"train/{task.metric}": mean_acc})
         logger.progress(state.iteration, mean_loss, mean_acc, meta_batch_size)
+        stopping = stop_votes.item() > 0  # Ctrl-C or SIGTERM: every rank stops here
+        if not parallel.is_main:  # validation and checkpoints: rank 0 only
+            if stopping:
+                break
+            continue
         if val_every and (state.iteration % val_every == 0 or state.iteration == iterations):
             val = validate()
-            logger.log(state.iteration, {"val/acc": val.mean, "val/ci95": val.ci95})
-            log.info("it %d: validation accuracy %s", state.iteration, val)
-            if val.mean > state.best_val_acc:
-                state.best_val_acc, state.best_iteration = val.mean, state.iteration
+            logger.log(state.iteration, {f"val/{task.metric}": val.mean, "val/ci95": val.ci95})
+            log.info("it %d: validation %s", state.iteration, val)
+            # best_val_acc holds the best score, negated when lower is better (MSE).
+            score = val.mean if task.higher_is_better else -val.mean
+            if score > state.best_val_acc:
+                state.best_val_acc, state.best_iteration = score, state.iteration
                 save(BEST)
-        if (
-            state.iteration % checkpoint_every == 0
-            or state.iteration == iterations
-            or stop.requested
-        ):
+        if state.iteration % checkpoint_every == 0 or state.iteration == iterations or stopping:
             save(LAST)
+        if stopping:
+            break
+
+
+def task_batches(algo: torch.nn.Module, episodes: list[Episode]) -> list[Episode]:
+    """The episodes one at a time, or stacked into one batch for an algorithm whose engine
+    vectorises over tasks (``algo.engine=vmap``)."""
+    if getattr(algo, "engine", "loop") == "vmap" and episodes:
+        return [Episode.stack(episodes)]
+    return episodes
 
 
 def _protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, Any]:
@@ -289,7 +345,7 @@ def _protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, 
         "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
         "split": cfg.dataset.get("split"),
         "image_size": cfg.dataset.get("image_size"),
-        "test_classes": pools["test"].n_classes,
+        "test_classes": pools["test"].n_classes,  # None for regression
         "train_episode": {k: cfg.train[k] for k in ("ways", "shots", "query_shots")},
         "eval_episode": {k: cfg.eval[k] for k in ("ways", "shots", "query_shots")},
         "episode_seed": cfg.eval.episode_seed,

@@ -15,6 +15,8 @@ set -euo pipefail
 
 L2L_VERSION=0.2.0
 PY="${PYTHON:-python}"
+# A relative path stops working once the script changes folder; keep venv links unresolved.
+if [[ "$PY" == */* ]]; then PY="$(realpath -s "$PY")"; fi
 
 log() { printf '[install_learn2learn] %s\n' "$*" >&2; }
 

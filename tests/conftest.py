@@ -75,7 +75,21 @@ def make_cfg(data_dir: Path, cache_dir: Path):
         base = tiny_overrides(data_dir, cache_dir) if tiny else []
         if any(o.startswith("model=") and o != "model=conv4" for o in overrides):
             base.remove("model.hidden=8")
+        if tiny and "model=resnet12" in overrides:  # 12.4M parameters is too slow for tests
+            if not any(o.startswith("model.channels=") for o in overrides):
+                base.append("model.channels=[8,8,16,16]")
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             return compose(config_name="config", overrides=[*base, *overrides])
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """The override ``hardware.num_threads=1`` (tiny models only lose from threading on a
+    busy CPU); torch's thread count is restored after the test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield "hardware.num_threads=1"
+    torch.set_num_threads(threads)

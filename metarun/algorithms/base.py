@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metarun.config import BatchNormMode
 from metarun.data.episodes import Episode
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
-"""Maps query images ``(n_query, C, H, W)`` to logits ``(n_query, ways)``."""
+"""Maps query inputs ``(n_query, *input_shape)`` to predictions: logits ``(n_query, ways)``
+for classification, targets ``(n_query, outputs)`` for regression."""
 
 
 @runtime_checkable
@@ -24,13 +27,43 @@ class MetaLearner(Protocol):
 
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss after adapting to the support set, differentiable with respect to the
-        meta-parameters, and query accuracy. Both are scalars."""
+        meta-parameters, and the task's metric on the query set (accuracy or MSE, see
+        :class:`TaskKind`). Both are scalars."""
         ...
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
-        """Adapts to a support set ``(n_support, C, H, W)``, ``(n_support,)`` and returns a
+        """Adapts to a support set ``(n_support, *input_shape)`` with targets
+        ``(n_support,)`` (labels) or ``(n_support, outputs)`` (regression) and returns a
         predictor for the queries. Never changes the algorithm's own state."""
         ...
+
+
+def mean_squared_error(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over ``(n, outputs)`` of the squared differences (the MAML paper's regression loss)."""
+    return F.mse_loss(predictions, targets)
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a dataset's tasks ask of an algorithm; the dataset declares it (``dataset.task``)
+    and the runner hands it to the algorithm, so no algorithm branches on the dataset.
+
+    Attributes:
+        metric: the metric's tag suffix (``train/<metric>``, ``test/<metric>``).
+        higher_is_better: direction of the metric, for picking the best validation.
+        loss: ``(predictions, targets) -> scalar`` minimised in the inner and outer loops.
+        score: ``(predictions, targets) -> scalar`` reported as the metric.
+        outputs: outputs of the algorithm's head; ``None`` means one per way (classes).
+    """
+
+    metric: str
+    higher_is_better: bool
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    outputs: int | None
+
+    def head_outputs(self, ways: int) -> int:
+        return ways if self.outputs is None else self.outputs
 
 
 @contextlib.contextmanager
@@ -54,3 +87,9 @@ def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of ``(n, ways)`` logits whose argmax equals ``labels`` ``(n,)``."""
     return (logits.argmax(dim=-1) == labels).float().mean()
+
+
+CLASSIFICATION = TaskKind("acc", True, F.cross_entropy, accuracy, outputs=None)
+"""Few-shot classification: cross-entropy, accuracy, a ``ways``-way head."""
+REGRESSION = TaskKind("mse", False, mean_squared_error, mean_squared_error, outputs=1)
+"""Few-shot regression of one target (e.g. sinusoids): MSE loss and metric, one output."""

@@ -12,8 +12,10 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
+    CLASSIFICATION,
     BatchNormMode,
     Predictor,
+    TaskKind,
     accuracy,
     batch_norm_mode,
     buffer_copies,
@@ -39,9 +41,20 @@ class ProtoNet(nn.Module):
     Args:
         backbone: embedding network, ``(n, C, H, W) -> (n, d)``.
         bn_mode: see :class:`BatchNormMode`; the paper's code evaluates with ``running``.
+        task: the dataset's task kind (given by the runner); classification only.
     """
 
-    def __init__(self, backbone: nn.Module, bn_mode: BatchNormMode | str = BatchNormMode.running):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        bn_mode: BatchNormMode | str = BatchNormMode.running,
+        task: TaskKind = CLASSIFICATION,
+    ):
+        if task is not CLASSIFICATION:
+            raise ValueError(
+                "ProtoNet classifies by distance to class prototypes and has no form for "
+                f"{task.metric} tasks; use a gradient-based algorithm such as algo=maml."
+            )
         super().__init__()
         self.backbone = backbone
         self.bn_mode = BatchNormMode(bn_mode)

@@ -37,14 +37,32 @@ class Episode:
 
     @property
     def ways(self) -> int:
-        return int(self.classes.numel())
+        return int(self.classes.shape[-1])
 
-    def to(self, device: torch.device | str) -> Episode:
-        """Moves the episode to ``device`` and scales uint8 images to floats in [0, 1]."""
+    @property
+    def tasks(self) -> int:
+        """1 for one episode; the number of stacked episodes for :meth:`stack`'s result."""
+        return int(self.classes.shape[0]) if self.classes.dim() == 2 else 1
+
+    @staticmethod
+    def stack(episodes: list[Episode]) -> Episode:
+        """Stacks episodes of one shape along a new leading task dimension, e.g. support
+        images ``(tasks, ways * shots, C, H, W)``, for engines that batch over tasks."""
+        fields = ("support_x", "support_y", "query_x", "query_y", "classes")
+        return Episode(*(torch.stack([getattr(e, f) for e in episodes]) for f in fields))
+
+    def to(
+        self,
+        device: torch.device | str,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> Episode:
+        """Moves the episode to ``device`` and scales uint8 images to floats in [0, 1]
+        (stored in ``memory_format``, e.g. ``torch.channels_last``)."""
 
         def prep(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=True)
-            return x.float().div_(255) if x.dtype == torch.uint8 else x
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x
+            return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
         return Episode(
             prep(self.support_x),

@@ -1,0 +1,359 @@
+"""Task streams. Mirrors ``configs/scenario``.
+
+A scenario is a list of :class:`Task` objects learned in order, plus the rule that says
+which outputs are in play (``incremental``, following van de Ven & Tolias 2019, "Three
+scenarios for continual learning"):
+
+``task``: a task's own classes only (multi-head through masking; the task is known).
+``class``: every class seen so far (one growing head; the task is not known at test time).
+``domain``: all outputs, always (the label space is shared by all tasks).
+
+Stream order and task composition come from the scenario's ``seed`` and are recorded in
+``results.json`` (:meth:`Scenario.describe`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from metarun.data.episodes import ClassPool
+
+INCREMENTAL = ("task", "class", "domain")
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be built, or one combined with a method that cannot learn it."""
+
+
+@dataclass
+class Task:
+    """One task of the stream.
+
+    Attributes:
+        name: for reports, e.g. ``digits 0,1`` or ``permutation 3``.
+        classes: ``(k,)`` global labels the task uses.
+        train_x: ``(n_train, C, H, W)`` uint8 images (shared with other tasks when
+            ``permutation`` is set).
+        train_y: ``(n_train,)`` global labels.
+        test_x: ``(n_test, C, H, W)`` uint8.
+        test_y: ``(n_test,)``.
+        permutation: ``(C*H*W,)`` pixel permutation applied when inputs are drawn, or None.
+    """
+
+    name: str
+    classes: torch.Tensor
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    permutation: torch.Tensor | None = None
+
+    def size(self, split: str) -> int:
+        return (self.train_y if split == "train" else self.test_y).numel()
+
+    def inputs(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Examples ``idx`` of ``split`` as ``(floats in [0, 1] (n, C, H, W), labels (n,))``."""
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        images = x.index_select(0, idx).float().div_(255)
+        if self.permutation is not None:
+            flat = images.flatten(1).index_select(1, self.permutation)
+            images = flat.view_as(images)
+        return images, y.index_select(0, idx)
+
+
+def draw(tasks: list[Task], split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples ``idx`` of the concatenation of ``tasks``' ``split`` data (joint training
+    draws from several tasks at once); returns ``(x (n, C, H, W), y (n,))`` in ``idx`` order."""
+    if len(tasks) == 1:
+        return tasks[0].inputs(split, idx)
+    ends = torch.tensor([t.size(split) for t in tasks]).cumsum(0)
+    owner = torch.searchsorted(ends, idx, right=True)
+    starts = ends - ends.new_tensor([t.size(split) for t in tasks])
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    order: list[torch.Tensor] = []
+    for k in owner.unique().tolist():
+        where = torch.nonzero(owner == k).flatten()
+        x, y = tasks[k].inputs(split, idx[where] - starts[k])
+        xs.append(x)
+        ys.append(y)
+        order.append(where)
+    inverse = torch.argsort(torch.cat(order))
+    return torch.cat(xs)[inverse], torch.cat(ys)[inverse]
+
+
+@dataclass
+class Scenario:
+    """A stream of tasks and how it is trained and scored.
+
+    Attributes:
+        tasks: in stream order.
+        n_classes: outputs of the head (global labels are ``0..n_classes-1``).
+        input_shape: ``(C, H, W)``.
+        incremental: ``task``, ``class`` or ``domain`` (module docstring).
+        epochs: passes over each task's training data.
+        batch_size: training examples per step (1 for the OML online protocol).
+        meta_train: classes for a meta-training phase before the stream (OML), or None.
+        info: what else defines the protocol, recorded with the results.
+    """
+
+    tasks: list[Task]
+    n_classes: int
+    input_shape: tuple[int, int, int]
+    incremental: str
+    epochs: int
+    batch_size: int
+    meta_train: ClassPool | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.incremental not in INCREMENTAL:
+            raise ScenarioError(
+                f"unknown incremental={self.incremental!r}; choose one of {INCREMENTAL}"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ScenarioError(
+                f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}"
+            )
+        if not self.tasks:
+            raise ScenarioError("the stream has no tasks")
+
+    def train_classes(self, task: int) -> torch.Tensor:
+        """Outputs in play while training on ``task``: ``(k,)`` global labels."""
+        return self.eval_classes(task, task)
+
+    def eval_classes(self, after: int, task: int) -> torch.Tensor:
+        """Outputs in play when scoring ``task`` after training on tasks ``0..after``
+        (``after = -1``: before any training). Empty when no class has been seen yet."""
+        if self.incremental == "domain":
+            return torch.arange(self.n_classes)
+        if self.incremental == "task":
+            return self.tasks[task].classes
+        seen = [t.classes for t in self.tasks[: after + 1]]
+        return torch.cat(seen).unique() if seen else torch.empty(0, dtype=torch.long)
+
+    def describe(self) -> dict:
+        """The stream as recorded in ``results.json``: order and composition of each task."""
+        return {
+            "incremental": self.incremental,
+            "n_tasks": len(self.tasks),
+            "n_classes": self.n_classes,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "meta_train_classes": None if self.meta_train is None else self.meta_train.n_classes,
+            "tasks": [
+                {
+                    "name": t.name,
+                    "classes": t.classes.tolist(),
+                    "train_examples": t.size("train"),
+                    "test_examples": t.size("test"),
+                }
+                for t in self.tasks
+            ],
+            **self.info,
+        }
+
+
+def _mnist(root: str | None, variant: str, download: bool):
+    from metarun.data.mnist import MNIST
+
+    return MNIST(root, variant=variant, download=download)
+
+
+def _subset(labels: torch.Tensor, classes: list[int], limit: int | None, g: torch.Generator):
+    """Indices of ``labels`` in ``classes``, at most ``limit`` of them (a seeded draw)."""
+    idx = torch.nonzero(torch.isin(labels, torch.tensor(classes))).flatten()
+    if limit is not None and limit < idx.numel():
+        idx = idx[torch.randperm(idx.numel(), generator=g)[:limit]].sort().values
+    return idx
+
+
+def split_mnist(
+    root: str | None,
+    incremental: str = "class",
+    classes_per_task: int = 2,
+    shuffle_classes: bool = False,
+    seed: int = 0,
+    epochs: int = 1,
+    batch_size: int = 128,
+    train_per_task: int | None = None,
+    variant: str = "mnist",
+    download: bool = True,
+) -> Scenario:
+    """Split-MNIST: the ten digits in tasks of ``classes_per_task`` (Zenke et al. 2017).
+
+    Args:
+        root: data folder with ``mnist/`` inside.
+        incremental: ``task`` or ``class`` (``domain`` is a different benchmark: relabel
+            each pair to 0/1; not offered).
+        classes_per_task: digits per task; must divide 10.
+        shuffle_classes: draw the digit order from ``seed``; otherwise 0,1 | 2,3 | ...
+        seed: seeds the digit order and the ``train_per_task`` subset.
+        epochs, batch_size: the training budget per task (see :class:`Scenario`).
+        train_per_task: keep at most this many training examples per task (None: all).
+        variant: ``mnist`` or ``fashion_mnist``.
+        download: fetch missing files (official URLs, MD5 checked).
+    """
+    if incremental not in ("task", "class"):
+        raise ScenarioError(f"split_mnist supports incremental=task or class, got {incremental!r}")
+    if classes_per_task < 1 or 10 % classes_per_task:
+        raise ScenarioError(f"classes_per_task must divide 10, got {classes_per_task}")
+    data = _mnist(root, variant, download)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(10, generator=g).tolist() if shuffle_classes else list(range(10))
+    tasks = []
+    for start in range(0, 10, classes_per_task):
+        classes = order[start : start + classes_per_task]
+        tr = _subset(data.train_labels, classes, train_per_task, g)
+        te = _subset(data.test_labels, classes, None, g)
+        tasks.append(
+            Task(
+                f"digits {','.join(map(str, classes))}",
+                torch.tensor(classes),
+                data.train_images[tr],
+                data.train_labels[tr],
+                data.test_images[te],
+                data.test_labels[te],
+            )
+        )
+    return Scenario(
+        tasks,
+        10,
+        data.image_shape,
+        incremental,
+        epochs,
+        batch_size,
+        info={"benchmark": f"split_{variant}", "class_order": order, "seed": seed},
+    )
+
+
+def permuted_mnist(
+    root: str | None,
+    n_tasks: int = 10,
+    seed: int = 0,
+    epochs: int = 1,
+    batch_size: int = 128,
+    train_per_task: int | None = None,
+    variant: str = "mnist",
+    download: bool = True,
+) -> Scenario:
+    """Permuted-MNIST (Goodfellow et al. 2013; Kirkpatrick et al. 2017): every task is the
+    full ten-digit problem with its own fixed pixel permutation, drawn from ``seed``; the
+    first task is permuted too. Domain-incremental: the ten outputs are shared.
+
+    Args:
+        root: data folder with ``mnist/`` inside.
+        n_tasks: number of permutations.
+        seed: seeds the permutations and the ``train_per_task`` subsets.
+        epochs, batch_size: the training budget per task.
+        train_per_task: training examples per task, a seeded subset (None: all 60,000).
+        variant: ``mnist`` or ``fashion_mnist``.
+        download: fetch missing files.
+    """
+    if n_tasks < 1:
+        raise ScenarioError(f"n_tasks must be >= 1, got {n_tasks}")
+    data = _mnist(root, variant, download)
+    g = torch.Generator().manual_seed(seed)
+    pixels = math.prod(data.image_shape)
+    tasks = []
+    all_classes = list(range(10))
+    for t in range(n_tasks):
+        perm = torch.randperm(pixels, generator=g)
+        tr = _subset(data.train_labels, all_classes, train_per_task, g)
+        tasks.append(
+            Task(
+                f"permutation {t}",
+                torch.arange(10),
+                data.train_images[tr] if train_per_task else data.train_images,
+                data.train_labels[tr] if train_per_task else data.train_labels,
+                data.test_images,
+                data.test_labels,
+                permutation=perm,
+            )
+        )
+    return Scenario(
+        tasks,
+        10,
+        data.image_shape,
+        "domain",
+        epochs,
+        batch_size,
+        info={"benchmark": f"permuted_{variant}", "seed": seed},
+    )
+
+
+def omniglot_continual(
+    root: str | None,
+    cache_dir: str | None,
+    n_classes: int = 50,
+    train_shots: int = 15,
+    seed: int = 0,
+    epochs: int = 1,
+    batch_size: int = 1,
+    image_size: int = 28,
+    download: bool = True,
+) -> Scenario:
+    """Omniglot continual, after OML (Javed & White 2019): meta-train on the 964 background
+    characters, then learn ``n_classes`` unseen characters of the evaluation set one at a
+    time (each class is a task), from ``train_shots`` drawings each, shown once by default
+    (``epochs=1``, ``batch_size=1``); each class is scored on its other ``20 - train_shots``
+    drawings, over all classes seen so far (class-incremental).
+
+    Args:
+        root, cache_dir, image_size, download: as for ``dataset=omniglot``.
+        n_classes: length of the stream (the paper goes up to 200 at 84x84).
+        train_shots: training drawings per class (the paper: 15 of 20).
+        seed: which evaluation characters, in which order, and which drawings train.
+        epochs, batch_size: passes over each class's drawings and examples per step.
+    """
+    from metarun.data.omniglot import DRAWINGS, Omniglot
+
+    if not 1 <= train_shots < DRAWINGS:
+        raise ScenarioError(f"train_shots must be in 1..{DRAWINGS - 1}, got {train_shots}")
+    data = Omniglot(root, cache_dir, split="lake", image_size=image_size, download=download)
+    background = torch.cat([data.pool("train").images, data.pool("val").images])
+    names = data.pool("train").class_names + data.pool("val").class_names
+    meta_train = ClassPool.from_grouped(
+        background.view(len(names), DRAWINGS, *background.shape[1:]), names
+    )
+    evaluation = data.pool("test")
+    if n_classes < 1 or n_classes > evaluation.n_classes:
+        raise ScenarioError(
+            f"n_classes must be in 1..{evaluation.n_classes} (the evaluation characters), "
+            f"got {n_classes}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(evaluation.n_classes, generator=g)[:n_classes]
+    tasks = []
+    for label, c in enumerate(picked.tolist()):
+        items = evaluation.class_items[c][torch.randperm(DRAWINGS, generator=g)]
+        tr, te = items[:train_shots], items[train_shots:]
+        tasks.append(
+            Task(
+                evaluation.class_names[c],
+                torch.tensor([label]),
+                evaluation.images[tr],
+                torch.full((train_shots,), label),
+                evaluation.images[te],
+                torch.full((DRAWINGS - train_shots,), label),
+            )
+        )
+    return Scenario(
+        tasks,
+        n_classes,
+        data.image_shape,
+        "class",
+        epochs,
+        batch_size,
+        meta_train=meta_train,
+        info={
+            "benchmark": "omniglot_continual",
+            "seed": seed,
+            "image_size": image_size,
+            "train_shots": train_shots,
+            "meta_train_split": "background (964 characters)",
+        },
+    )

@@ -1,0 +1,275 @@
+"""The one place metarun touches learn2learn (Arnold et al. 2020, "learn2learn: A Library
+for Meta-Learning Research").
+
+learn2learn is optional (``pip install "metarun[l2l]"``; on Python >= 3.11 use
+``bash scripts/install_learn2learn.sh``) and imported only when a dataset here is built
+or ``algo.engine=l2l`` runs learn2learn's MAML / Meta-SGD (:func:`l2l_meta_loss`).
+Its vision dataset classes read (and, when online, download) tieredImageNet, CIFAR-FS,
+FC100 and CUB-200-2011; :class:`Learn2LearnDataset` turns each split into metarun's
+:class:`~metarun.data.episodes.ClassPool`, cached as uint8 tensors like the other
+datasets, so the same episode sampler serves every benchmark.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from metarun.data import imagepool
+from metarun.data.episodes import ClassPool, Episode
+from metarun.data.files import DataError, cache_root, data_root
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    'install it with `pip install "metarun[l2l]"`, or on Python >= 3.11 with '
+    "`bash scripts/install_learn2learn.sh` (learn2learn 0.2.0 does not build there from PyPI)"
+)
+L2L_MODES = {"train": "train", "val": "validation", "test": "test"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one learn2learn dataset is found on disk and what its standard split holds.
+
+    Attributes:
+        l2l_class: the class name in ``learn2learn.vision.datasets``.
+        layouts: alternative sets of paths (relative to the dataset folder) that each
+            make the dataset readable offline; the first is what a download produces.
+        classes: standard number of train / val / test classes.
+        image_size: the usual side length in few-shot papers.
+    """
+
+    l2l_class: str
+    layouts: tuple[tuple[str, ...], ...]
+    classes: tuple[int, int, int]
+    image_size: int
+
+
+SPECS: dict[str, Spec] = {
+    "tiered_imagenet": Spec(
+        "TieredImagenet",
+        (
+            tuple(
+                f"tiered-imagenet/{s}_{kind}.pkl"
+                for s in ("train", "val", "test")
+                for kind in ("images_png", "labels")
+            ),
+        ),
+        (351, 97, 160),
+        84,
+    ),
+    "cifar_fs": Spec(
+        "CIFARFS",
+        (
+            ("cifarfs/cifar100/data", "cifarfs/cifar100/splits/bertinetto"),
+            ("cifarfs/processed/train", "cifarfs/processed/val", "cifarfs/processed/test"),
+        ),
+        (64, 16, 20),
+        32,
+    ),
+    "fc100": Spec(
+        "FC100",
+        (("FC100_train.pickle", "FC100_val.pickle", "FC100_test.pickle"),),
+        (60, 20, 20),
+        32,
+    ),
+    "cub200": Spec(
+        "CUBirds200",
+        (("cubirds200/CUB_200_2011/images",),),
+        (140, 30, 30),
+        84,
+    ),
+}
+
+
+def import_learn2learn() -> ModuleType:
+    """``learn2learn``, or a :class:`DataError` that says how to install it."""
+    try:
+        import learn2learn
+    except ImportError as err:
+        raise DataError(f"this needs learn2learn, which is not installed: {INSTALL_HINT}.") from err
+    return learn2learn
+
+
+def learn2learn_version() -> str | None:
+    """The installed learn2learn version, without importing it (``None`` if absent)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("learn2learn")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def missing_files(name: str, folder: Path) -> list[str]:
+    """Paths of the first layout of ``name`` missing from ``folder``; empty when any
+    layout is complete."""
+    layouts = SPECS[name].layouts
+    gaps = [[p for p in layout if not (folder / p).exists()] for layout in layouts]
+    return [] if any(not gap for gap in gaps) else gaps[0]
+
+
+def expected_files_text(name: str, folder: Path) -> str:
+    """Human-readable description of what ``folder`` must hold for ``name``."""
+    layouts = [", ".join(layout) for layout in SPECS[name].layouts]
+    return f"{folder} with " + " or with ".join(layouts)
+
+
+class Learn2LearnDataset:
+    """A learn2learn vision dataset as three class pools (``train``, ``val``, ``test``).
+
+    Args:
+        name: ``tiered_imagenet``, ``cifar_fs``, ``fc100`` or ``cub200`` (standard splits:
+            Ren et al. 2018; Bertinetto et al. 2019; Oreshkin et al. 2018; Triantafillou
+            et al. 2020).
+        root: data folder; the dataset lives in ``<root>/<name>/`` in learn2learn's
+            layout (see ``docs/DATASETS.md``). ``None`` means the user data folder.
+        cache_dir: writable folder for the tensor caches; ``None`` means the user cache.
+        image_size: side of the square RGB images after resizing (Lanczos).
+        download: let learn2learn download missing files (needs internet).
+    """
+
+    channels = 3
+
+    def __init__(
+        self,
+        name: str,
+        root: str | None,
+        cache_dir: str | None,
+        image_size: int,
+        download: bool = True,
+    ):
+        if name not in SPECS:
+            raise ValueError(f"unknown learn2learn dataset {name!r}; choose one of {list(SPECS)}")
+        self.name, self.image_size, self.download = name, image_size, download
+        self.folder = data_root(root) / name
+        self.cache_folder = cache_root(cache_dir) / name
+        self._pools = {split: self._load(split) for split in L2L_MODES}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def pool(self, split: str) -> ClassPool:
+        """The classes of ``split`` (``train``, ``val`` or ``test``) as a :class:`ClassPool`."""
+        if split not in L2L_MODES:
+            raise ValueError(f"unknown split {split!r}; choose train, val or test")
+        return self._pools[split]
+
+    def _load(self, split: str) -> ClassPool:
+        cache_file = self.cache_folder / f"{self.name}_{split}_{self.image_size}px.pt"
+        what = f"{self.name} {split}"
+        if not missing_files(self.name, self.folder):
+            fingerprint = self._fingerprint()
+            pool = imagepool.load_cache(cache_file, fingerprint, what)
+            if pool is not None:
+                return pool
+        elif not self.download:
+            raise DataError(
+                f"{self.name} is missing: expected {expected_files_text(self.name, self.folder)}"
+                f" (missing: {', '.join(missing_files(self.name, self.folder))}). Downloading "
+                f"is off (dataset.download=false); copy the files there or point `data_dir=` "
+                f"(or METARUN_DATA) at a folder with {self.name}/ inside."
+            )
+        log.info("building the %s cache at %d px through learn2learn (once)", what, self.image_size)
+        pool = self._read(split)
+        expected = SPECS[self.name].classes[list(L2L_MODES).index(split)]
+        if pool.n_classes != expected:
+            log.warning(
+                "%s has %d classes, the standard split has %d", what, pool.n_classes, expected
+            )
+        imagepool.save_cache(cache_file, self._fingerprint(), pool, what)
+        return pool
+
+    def _read(self, split: str) -> ClassPool:
+        """Reads one split through learn2learn's dataset class (downloading if allowed)."""
+        l2l = import_learn2learn()
+        cls = getattr(l2l.vision.datasets, SPECS[self.name].l2l_class)
+        offline_missing = missing_files(self.name, self.folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            dataset = cls(root=str(self.folder), mode=L2L_MODES[split], download=self.download)
+        except Exception as err:  # learn2learn raises whatever requests or pickle raise
+            reason = "download failed (offline?)" if offline_missing else "reading failed"
+            raise DataError(
+                f"{self.name} {split}: {reason}: {type(err).__name__}: {err}. Expected "
+                f"{expected_files_text(self.name, self.folder)}."
+            ) from err
+        images, labels = [], []
+        for i in range(len(dataset)):
+            image, label = dataset[i]
+            images.append(imagepool.to_rgb_tensor(image, self.image_size))
+            labels.append(_class_name(dataset, label))
+        if not images:
+            raise DataError(f"{self.name} {split} holds no images in {self.folder}.")
+        return imagepool.group_by_class(torch.stack(images), labels)
+
+    def _fingerprint(self) -> list[int]:
+        """Sizes and mtimes of every file of the dataset (not their contents)."""
+        files = []
+        for layout in SPECS[self.name].layouts:
+            for rel in layout:
+                path = self.folder / rel
+                if path.is_dir():
+                    files += sorted(p for p in path.rglob("*") if p.is_file())
+                elif path.exists():
+                    files.append(path)
+        return imagepool.stat_fingerprint(files)
+
+
+def _class_name(dataset: Any, label: Any) -> str:
+    """A stable class name: the folder name for ImageFolder datasets, else the label."""
+    classes = getattr(dataset, "classes", None)
+    label = int(label)
+    return str(classes[label]) if classes else f"{label:05d}"
+
+
+def download_miniimagenet_pickles(folder: Path) -> None:
+    """Downloads learn2learn's miniImageNet pickles into ``folder`` through its
+    ``MiniImagenet`` class (``mini-imagenet-cache-{train,validation,test}.pkl``)."""
+    l2l = import_learn2learn()
+    folder.mkdir(parents=True, exist_ok=True)
+    for mode in L2L_MODES.values():
+        try:
+            l2l.vision.datasets.MiniImagenet(root=str(folder), mode=mode, download=True)
+        except Exception as err:  # learn2learn raises whatever requests or pickle raise
+            raise DataError(
+                f"miniImageNet {mode}: download failed (offline?): {type(err).__name__}: "
+                f"{err}. Expected {folder}/mini-imagenet-cache-{mode}.pkl, or the raw format "
+                f"(train.csv, val.csv, test.csv and images/)."
+            ) from err
+
+
+def l2l_meta_loss(algo: torch.nn.Module, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+    """One task's query loss and metric computed by learn2learn's own MAML or Meta-SGD
+    (``algo.engine=l2l``): ``clone()``, ``adapt()`` for each inner step, then the query.
+
+    The wrapper is built around ``algo``'s live network (and, for Meta-SGD, its learned
+    learning rates), so the meta-gradient lands on ``algo``'s parameters and the runner's
+    optimizer, checkpoints and evaluation are unchanged. This is the parity check of the
+    native engines (``tests/test_learn2learn_engine.py``) and an option for users who
+    want learn2learn's implementation inside metarun's runner.
+
+    Args:
+        algo: a :class:`~metarun.algorithms.MAML` or :class:`~metarun.algorithms.MetaSGD`.
+        episode: one task: support ``(n_support, C, H, W)`` and query ``(n_query, C, H, W)``.
+    """
+    from metarun.algorithms.metasgd import MetaSGD
+
+    l2l = import_learn2learn()
+    if isinstance(algo, MetaSGD):
+        wrapper = l2l.algorithms.MetaSGD(algo.model, first_order=algo.first_order, lrs=algo.lrs)
+    else:
+        wrapper = l2l.algorithms.MAML(algo.model, lr=algo.fast_lr, first_order=algo.first_order)
+    learner = wrapper.clone()
+    for _ in range(algo.adaptation_steps):
+        learner.adapt(algo.task.loss(learner(episode.support_x), episode.support_y))
+    predictions = learner(episode.query_x)
+    loss = algo.task.loss(predictions, episode.query_y)
+    return loss, algo.task.score(predictions, episode.query_y)

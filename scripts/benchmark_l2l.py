@@ -1,0 +1,309 @@
+"""metarun against learn2learn 0.2.0, side by side, on the same model, episodes and settings.
+
+    bash scripts/install_learn2learn.sh     # once, into the environment that runs this
+    METARUN_DATA=../shared/data python scripts/benchmark_l2l.py --rounds 3 --out docs/BENCHMARKS.md
+
+Every measurement runs in a fresh process (so its peak memory is its own) and the two
+libraries alternate, A/B/A/B, for ``--rounds`` rounds; the table gives medians over the
+rounds and the ratio learn2learn / metarun (> 1: metarun is faster or smaller).
+
+Cases (Omniglot, Vinyals split, 28x28, conv4 with 64 channels, Adam 1e-3):
+    sampling   5-way 1-shot 15-query training episodes: metarun's ``EpisodeSampler`` vs
+               learn2learn's ``TaskDataset`` with ``NWays``/``KShots``/``LoadData``/
+               ``RemapLabels``/``ConsecutiveLabels`` over the same images (episodes/s).
+    maml2      MAML second order, 5-way 1-shot 15-query, meta-batch 32, 1 inner step of
+               0.4: seconds per meta-update (metarun ``algo.engine=loop``; learn2learn
+               ``l2l.algorithms.MAML`` with ``clone()``/``adapt()``), episodes pre-sampled.
+    maml2v     the same with metarun's ``algo.engine=vmap`` against the same learn2learn loop.
+    maml1      the same as maml2, first order.
+    protonet   ProtoNet 60-way 1-shot 5-query, end to end (sampling + training step), s/step.
+    eval       MAML test-time adaptation (3 steps) on N 5-way 1-shot 15-query episodes,
+               sampling included: seconds for ``--eval-episodes`` episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = ("sampling", "maml2", "maml2v", "maml1", "protonet", "eval")
+UNITS = {
+    "sampling": "episodes/s",
+    "maml2": "s/step",
+    "maml2v": "s/step",
+    "maml1": "s/step",
+    "protonet": "s/step",
+    "eval": "s",
+}
+HIGHER_IS_BETTER = {"sampling"}
+
+
+def _setup(seed: int = 0):
+    import torch
+
+    from metarun.data.omniglot import Omniglot
+
+    data = os.environ.get("METARUN_DATA")
+    cache = os.environ.get("METARUN_CACHE")
+    pool = Omniglot(data, cache).pool("train")
+    torch.manual_seed(seed)
+    return pool
+
+
+def _l2l_taskset(pool, ways: int, per_class: int):
+    """learn2learn's episode pipeline over the same uint8 images as metarun's pool."""
+    import learn2learn as l2l
+    import torch
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return int(pool.counts.sum())
+
+        def __getitem__(self, i: int):
+            return pool.images[i].float().div_(255), int(labels[i])
+
+    labels = torch.empty(pool.images.shape[0], dtype=torch.long)
+    labels_to_indices = {}
+    for c in range(pool.n_classes):
+        items = pool.class_items[c][pool.class_items[c] >= 0]
+        labels[items] = c
+        labels_to_indices[c] = items.tolist()
+    meta = l2l.data.MetaDataset(Images(), labels_to_indices=labels_to_indices)
+    transforms = [
+        l2l.data.transforms.NWays(meta, ways),
+        l2l.data.transforms.KShots(meta, per_class),
+        l2l.data.transforms.LoadData(meta),
+        l2l.data.transforms.RemapLabels(meta),
+        l2l.data.transforms.ConsecutiveLabels(meta),
+    ]
+    return l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=-1)
+
+
+def _l2l_episode(taskset, shots: int):
+    """One learn2learn task split into support and query: every (shots+queries)-th image
+    of each class goes to the support set, as in learn2learn's examples."""
+    import torch
+
+    x, y = taskset.sample()
+    support = torch.zeros(x.shape[0], dtype=torch.bool)
+    for c in range(int(y.max()) + 1):
+        support[torch.nonzero(y == c).flatten()[:shots]] = True
+    return x[support], y[support], x[~support], y[~support]
+
+
+def _conv4_head(ways: int):
+    import torch
+
+    from metarun.models import Conv4
+
+    torch.manual_seed(0)
+    backbone = Conv4(input_shape=(1, 28, 28))
+    return torch.nn.Sequential(backbone, torch.nn.Linear(backbone.out_features, ways))
+
+
+def _median_time(step, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def worker(case: str, impl: str, repeats: int, eval_episodes: int) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    from metarun.algorithms import MAML, ProtoNet
+    from metarun.data.episodes import Episode, EpisodeSampler
+    from metarun.evaluation import evaluate, fixed_episodes
+    from metarun.hardware import Hardware
+    from metarun.models import Conv4
+
+    pool = _setup()
+    rss_after_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if impl == "l2l":
+        import learn2learn as l2l
+
+    if case == "sampling":
+        if impl == "metarun":
+            sampler = EpisodeSampler(pool, 5, 1, 15, seed=0)
+            sample = sampler.sample
+        else:
+            taskset = _l2l_taskset(pool, 5, 16)
+
+            def sample():
+                return _l2l_episode(taskset, 1)
+
+        n = 200
+        seconds = _median_time(lambda: [sample() for _ in range(n)], repeats)
+        value = n / seconds
+    elif case in ("maml2", "maml2v", "maml1"):
+        first_order = case == "maml1"
+        sampler = EpisodeSampler(pool, 5, 1, 15, seed=0)
+        episodes = [sampler.sample().to("cpu") for _ in range(32)]
+        if impl == "metarun":
+            engine = "vmap" if case == "maml2v" else "loop"
+            algo = MAML(Conv4(input_shape=(1, 28, 28)), 5, 0.4, 1, 3, first_order, engine=engine)
+            algo.model.load_state_dict(_conv4_head(5).state_dict())
+            optimizer = torch.optim.Adam(algo.parameters(), 1e-3)
+            batches = [Episode.stack(episodes)] if engine == "vmap" else episodes
+
+            def step():
+                optimizer.zero_grad()
+                for batch in batches:
+                    loss, _ = algo.meta_loss(batch)
+                    (loss * batch.tasks / 32).backward()
+                optimizer.step()
+        else:
+            maml = l2l.algorithms.MAML(_conv4_head(5), lr=0.4, first_order=first_order)
+            optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
+
+            def step():
+                optimizer.zero_grad()
+                for ep in episodes:
+                    learner = maml.clone()
+                    learner.adapt(F.cross_entropy(learner(ep.support_x), ep.support_y))
+                    loss = F.cross_entropy(learner(ep.query_x), ep.query_y)
+                    (loss / 32).backward()
+                optimizer.step()
+
+        value = _median_time(step, repeats)
+    elif case == "protonet":
+        if impl == "metarun":
+            sampler = EpisodeSampler(pool, 60, 1, 5, seed=0)
+            algo = ProtoNet(Conv4(input_shape=(1, 28, 28)))
+            optimizer = torch.optim.Adam(algo.parameters(), 1e-3)
+
+            def step():
+                optimizer.zero_grad()
+                loss, _ = algo.meta_loss(sampler.sample().to("cpu"))
+                loss.backward()
+                optimizer.step()
+        else:
+            taskset = _l2l_taskset(pool, 60, 6)
+            model = Conv4(input_shape=(1, 28, 28))
+            optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+
+            def step():
+                optimizer.zero_grad()
+                sx, sy, qx, qy = _l2l_episode(taskset, 1)
+                z = model(torch.cat([sx, qx]))
+                order = torch.argsort(sy)  # prototypes in label order (1 shot per class)
+                protos = z[: sx.shape[0]][order]
+                logits = -torch.cdist(z[sx.shape[0] :], protos).pow(2)
+                F.cross_entropy(logits, qy).backward()
+                optimizer.step()
+
+        value = _median_time(step, repeats)
+    elif case == "eval":
+        if impl == "metarun":
+            algo = MAML(Conv4(input_shape=(1, 28, 28)), 5, 0.4, 1, 3)
+            algo.model.load_state_dict(_conv4_head(5).state_dict())
+            hardware = Hardware("cpu")
+
+            def run_eval():
+                evaluate(algo, fixed_episodes(pool, 5, 1, 15, 0), eval_episodes, hardware)
+        else:
+            taskset = _l2l_taskset(pool, 5, 16)
+            maml = l2l.algorithms.MAML(_conv4_head(5), lr=0.4)
+
+            def run_eval():
+                for _ in range(eval_episodes):
+                    sx, sy, qx, qy = _l2l_episode(taskset, 1)
+                    learner = maml.clone()
+                    for _ in range(3):
+                        learner.adapt(F.cross_entropy(learner(sx), sy))
+                    with torch.no_grad():
+                        (learner(qx).argmax(1) == qy).float().mean().item()
+
+        value = _median_time(run_eval, 1, warmup=0)
+    else:
+        raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "value": value,
+        "peak_mb": peak_mb,
+        "peak_above_setup_mb": peak_mb - rss_after_setup / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--eval-episodes", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="Markdown file to write")
+    parser.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.repeats, args.eval_episodes)))
+        return
+    try:
+        import learn2learn  # noqa: F401
+    except ImportError:
+        sys.exit("learn2learn is not installed here: run bash scripts/install_learn2learn.sh")
+
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for case in args.cases:
+            for impl in ("metarun", "l2l") if r % 2 == 0 else ("l2l", "metarun"):
+                command = [sys.executable, __file__, "--worker", case, impl]
+                command += ["--repeats", str(args.repeats)]
+                command += ["--eval-episodes", str(args.eval_episodes)]
+                if args.threads:
+                    command += ["--threads", str(args.threads)]
+                out = subprocess.run(command, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"{case}/{impl} failed:\n{out.stderr[-3000:]}")
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                results.setdefault((case, impl), []).append(result)
+                print(f"round {r + 1} {case:9s} {impl:8s} {result}", flush=True)
+    print(table(results, args))
+    if args.out:
+        args.out.write_text(table(results, args) + "\n")
+
+
+def table(results: dict, args: argparse.Namespace) -> str:
+    import platform
+
+    import torch
+
+    lines = [
+        f"Measured by `python scripts/benchmark_l2l.py --rounds {args.rounds} --repeats "
+        f"{args.repeats} --eval-episodes {args.eval_episodes}` (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}).",
+        "",
+        "| case | unit | metarun | learn2learn | ratio | peak RSS metarun / l2l (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in args.cases:
+        ours = statistics.median(x["value"] for x in results[(case, "metarun")])
+        theirs = statistics.median(x["value"] for x in results[(case, "l2l")])
+        ratio = ours / theirs if case in HIGHER_IS_BETTER else theirs / ours
+        mem_ours = statistics.median(x["peak_mb"] for x in results[(case, "metarun")])
+        mem_theirs = statistics.median(x["peak_mb"] for x in results[(case, "l2l")])
+        lines.append(
+            f"| {case} | {UNITS[case]} | {ours:.4g} | {theirs:.4g} | {ratio:.2f}x | "
+            f"{mem_ours:.0f} / {mem_theirs:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
