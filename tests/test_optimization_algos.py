@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from metarun.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD, Reptile
+from tests.gradcheck import assert_meta_gradient_matches_finite_differences
 from tests.test_algorithms import TinyBackbone, tiny_episode
 
 
@@ -147,23 +148,7 @@ def test_anil_inner_loop_adapts_the_head_only_and_the_outer_loop_trains_the_body
 
 def test_anil_meta_gradient_matches_finite_differences():
     algo, ep = tiny_anil(), tiny_episode()
-    algo.meta_loss(ep)[0].backward()
-    analytic = torch.cat([p.grad.flatten() for p in algo.parameters()])
-    numeric, eps = [], 1e-6
-    with torch.no_grad():
-        for p in algo.parameters():
-            for i in range(p.numel()):
-                orig = p.view(-1)[i].item()
-                values = []
-                for sign in (1, -1):
-                    p.view(-1)[i] = orig + sign * eps
-                    with torch.enable_grad():
-                        values.append(algo.meta_loss(ep)[0].item())
-                p.view(-1)[i] = orig
-                numeric.append((values[0] - values[1]) / (2 * eps))
-    torch.testing.assert_close(
-        analytic, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-8
-    )
+    assert_meta_gradient_matches_finite_differences(algo, ep)
 
 
 # Omniglot 5-way 1-shot, a narrow Conv4, 40 meta-iterations of 4 tasks: each algorithm must

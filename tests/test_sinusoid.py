@@ -17,6 +17,7 @@ from metarun.data.episodes import EpisodeError
 from metarun.data.sinusoid import Sinusoid
 from metarun.models import MLP
 from tests.conftest import tiny_overrides
+from tests.gradcheck import assert_meta_gradient_matches_finite_differences
 from tests.test_cli import metarun
 
 SINUSOID = ["experiment=maml_sinusoid", "model=mlp_sinusoid"]
@@ -80,23 +81,7 @@ def test_maml_regression_meta_gradient_matches_finite_differences():
     )
     loss, mse = algo.meta_loss(ep)
     assert torch.equal(loss.detach(), mse)  # the regression metric is the MSE itself
-    loss.backward()
-    analytic = torch.cat([p.grad.flatten() for p in algo.parameters()])
-    numeric, eps = [], 1e-6
-    with torch.no_grad():
-        for p in algo.parameters():
-            for i in range(p.numel()):
-                orig = p.view(-1)[i].item()
-                values = []
-                for sign in (1, -1):
-                    p.view(-1)[i] = orig + sign * eps
-                    with torch.enable_grad():
-                        values.append(algo.meta_loss(ep)[0].item())
-                p.view(-1)[i] = orig
-                numeric.append((values[0] - values[1]) / (2 * eps))
-    torch.testing.assert_close(
-        analytic, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-8
-    )
+    assert_meta_gradient_matches_finite_differences(algo, ep)
 
 
 def test_protonet_refuses_regression_with_a_clear_error():
