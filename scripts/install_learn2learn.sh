@@ -88,10 +88,11 @@ nice -n 10 "${PIP[@]}" install --no-build-isolation --no-deps "$SRC"
 #   scipy    - learn2learn.vision.models.cnn4 (scipy.stats), vision datasets (scipy.io)
 #   requests - learn2learn.data.utils, vision/text datasets (downloads)
 #   tqdm     - learn2learn.data.utils
+#   torchvision - learn2learn.vision.datasets (the version matching the pinned torch)
 #   numpy, pillow come with torch/torchvision. gsutil, qpth, pandas,
 #   pytorch_lightning are optional (guarded or only used by unimported modules).
 missing=()
-for pair in gym:gym scipy:scipy requests:requests tqdm:tqdm numpy:numpy PIL:pillow; do
+for pair in gym:gym scipy:scipy requests:requests tqdm:tqdm numpy:numpy PIL:pillow torchvision:torchvision; do
     mod="${pair%%:*}" pkg="${pair#*:}"
     "$PY" -c "import $mod" >/dev/null 2>&1 || missing+=("$pkg")
 done
