@@ -23,6 +23,7 @@ class TrainState:
     best_val_acc: float = -math.inf  # the best validation score (negated MSE for regression)
     best_iteration: int = -1
     train_seconds: float = 0.0
+    budget_reached: bool = False  # training ended at train.max_minutes
 
 
 def save(

@@ -35,6 +35,11 @@ class BatchNormMode(str, Enum):
     running = "running"
 
 
+class LrSchedule(str, Enum):
+    step = "step"  # StepLR: times lr_decay_gamma every lr_decay_every iterations
+    cosine = "cosine"  # CosineAnnealingLR from meta_lr down to min_lr over the run
+
+
 class AmpMode(str, Enum):
     off = "off"
     bf16 = "bf16"
@@ -49,8 +54,11 @@ class TrainConfig:
     meta_batch_size: int = MISSING
     iterations: int = MISSING
     meta_lr: float = MISSING
-    lr_decay_every: int = MISSING  # halve (times lr_decay_gamma) every N iterations; 0 = never
+    lr_schedule: LrSchedule = MISSING  # step | cosine
+    lr_decay_every: int = MISSING  # step: times lr_decay_gamma every N iterations; 0 = never
     lr_decay_gamma: float = MISSING
+    min_lr: float = MISSING  # cosine: the learning rate at the last iteration
+    max_minutes: float | None = None  # end training after this many minutes of steps
 
 
 @dataclass
@@ -59,8 +67,8 @@ class EvalConfig:
     shots: int = MISSING
     query_shots: int = MISSING
     val_every: int = MISSING  # 0 = no validation during training
-    val_episodes: int = MISSING
-    test_episodes: int = MISSING
+    val_episodes: int = MISSING  # >= 1 when val_every > 0 (runner.check_eval_budget)
+    test_episodes: int = MISSING  # >= 1
     episode_seed: int = MISSING  # fixes the validation and test episodes for every run
     report_steps: list[int] = MISSING  # also test after these numbers of adaptation steps
 
@@ -108,6 +116,7 @@ class MAMLPlusPlusConfig(MAMLConfig):
     msl_anneal_tasks: int = MISSING
     learn_step_lrs: bool = MISSING
     first_order_until_tasks: int = MISSING
+    per_step_bn: bool = MISSING  # per-step batch-norm statistics, weights and biases
 
 
 @dataclass
@@ -129,9 +138,116 @@ class ReptileConfig:
 
 
 @dataclass
+class LSTMMetaConfig:
+    _target_: str = "metarun.algorithms.LSTMMetaLearner"
+    _partial_: bool = True
+    ways: int = MISSING
+    adaptation_steps: int = MISSING
+    test_adaptation_steps: int = MISSING
+    hidden_size: int = MISSING
+    first_order: bool = MISSING  # gradient and loss inputs as constants (the paper's choice)
+    bn_mode: BatchNormMode = MISSING
+    forget_bias: list[float] = MISSING  # [low, high] uniform start of the forget gate's bias
+    input_bias: list[float] = MISSING  # [low, high] uniform start of the input gate's bias
+
+
+@dataclass
+class LearnedOptConfig:
+    _target_: str = "metarun.algorithms.LearnedOptimizer"
+    _partial_: bool = True
+    ways: int = MISSING
+    adaptation_steps: int = MISSING
+    test_adaptation_steps: int = MISSING
+    network: str = MISSING  # lstm | mlp
+    hidden_size: int = MISSING
+    momentum_features: bool = MISSING
+    output_scale: float = MISSING
+    truncation: int = MISSING  # steps per truncated-BPTT segment; 0 = none
+    meta_init: bool = MISSING  # meta-learn the initial weights (false: fixed)
+    first_order: bool = MISSING
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
 class ProtoNetConfig:
     _target_: str = "metarun.algorithms.ProtoNet"
     _partial_: bool = True
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
+class MatchingConfig:
+    _target_: str = "metarun.algorithms.MatchingNetworks"
+    _partial_: bool = True
+    fce: bool = MISSING  # full context embeddings (bidirectional LSTM, attention LSTM)
+    fce_steps: int = MISSING  # K, the attention LSTM's reads of the support set
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
+class RelationConfig:
+    _target_: str = "metarun.algorithms.RelationNetworks"
+    _partial_: bool = True
+    relation_channels: int = MISSING  # channels of the relation module's conv blocks
+    relation_hidden: int = MISSING  # units of its hidden fully connected layer
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
+class SiameseConfig:
+    _target_: str = "metarun.algorithms.SiameseNetworks"
+    _partial_: bool = True
+    embedding_size: int = MISSING  # sigmoid layer on the backbone; 0 = none
+    pairs_per_episode: int = MISSING  # half same-class, half different-class
+    pair_seed: int = MISSING
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
+class MANNConfig:
+    _target_: str = "metarun.algorithms.MANN"
+    _partial_: bool = True
+    ways: int = MISSING
+    controller_size: int = MISSING
+    memory_slots: int = MISSING
+    memory_width: int = MISSING
+    read_heads: int = MISSING
+    usage_decay: float = MISSING
+    report_instances: list[int] = MISSING  # accuracy by instance number (1st, 2nd, ...)
+    order_seed: int = MISSING  # presentation order in evaluation
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
+class SNAILConfig:
+    _target_: str = "metarun.algorithms.SNAIL"
+    _partial_: bool = True
+    ways: int = MISSING
+    shots: int = MISSING
+    key_sizes: list[int] = MISSING  # one attention block per entry
+    value_sizes: list[int] = MISSING
+    tc_filters: int = MISSING
+    order_seed: int = MISSING  # support order in evaluation
+    bn_mode: BatchNormMode = MISSING
+
+
+@dataclass
+class LEOConfig:
+    _target_: str = "metarun.algorithms.LEO"
+    _partial_: bool = True
+    latent_size: int = MISSING
+    relation_layers: int = MISSING
+    fast_lr: float = MISSING  # latent inner-loop step size (initial; meta-learned)
+    adaptation_steps: int = MISSING
+    test_adaptation_steps: int = MISSING
+    finetune_lr: float = MISSING  # weight fine-tuning step size (initial; meta-learned)
+    finetuning_steps: int = MISSING
+    dropout: float = MISSING
+    kl_weight: float = MISSING
+    encoder_penalty_weight: float = MISSING
+    l2_weight: float = MISSING
+    orthogonality_weight: float = MISSING
+    encoder_checkpoint: str | None = MISSING  # a run's best.pt: frozen backbone; null: joint
     bn_mode: BatchNormMode = MISSING
 
 
@@ -182,6 +298,8 @@ class Conv4Config:
     _partial_: bool = True
     hidden: int = MISSING
     bn_momentum: float = MISSING
+    pool_blocks: int = 4  # blocks (from the first) that end with a 2x2 max-pool
+    flatten: bool = True  # false: feature maps (n, hidden, H', W'), for algo=relation
 
 
 @dataclass
@@ -217,16 +335,26 @@ class HardwareConfig:
     amp: AmpMode = MISSING
     num_threads: int | None = None  # CPU threads; None keeps torch's default
     channels_last: bool = False  # NHWC images and conv weights
+    compile: bool = False  # torch.compile the backbone
+    compile_backend: str = "inductor"  # inductor | eager (or any torch.compile backend)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "schema/algo": {
         "maml": MAMLConfig,
         "protonet": ProtoNetConfig,
+        "matching": MatchingConfig,
+        "relation": RelationConfig,
+        "siamese": SiameseConfig,
+        "leo": LEOConfig,
         "metasgd": MetaSGDConfig,
         "anil": ANILConfig,
         "mamlpp": MAMLPlusPlusConfig,
         "reptile": ReptileConfig,
+        "lstm_meta": LSTMMetaConfig,
+        "learned_opt": LearnedOptConfig,
+        "mann": MANNConfig,
+        "snail": SNAILConfig,
         **ALGO_SCHEMAS,
     },
     "schema/dataset": {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,12 +18,16 @@ from metarun.hardware import Hardware
 class EvalResult:
     """``mean`` of the ``metric`` over ``episodes`` and the half-width
     ``ci95 = 1.96 * std / sqrt(n)`` of its normal 95% confidence interval (std over
-    episodes, n - 1 in the denominator)."""
+    episodes, n - 1 in the denominator). ``extra`` holds the same summary,
+    ``{"mean": ..., "ci95": ..., "episodes": ...}``, of each per-episode metric that an
+    algorithm reports through an ``episode_metrics(episode) -> dict[str, float]`` method
+    (MANN's accuracy by instance number)."""
 
     mean: float
     ci95: float
     episodes: int
     metric: str = "acc"
+    extra: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         if self.metric == "acc":
@@ -63,6 +67,7 @@ def evaluate(
     ``steps`` asks a gradient-based algorithm for that many adaptation steps instead of its
     ``test_adaptation_steps``. The algorithm's state is left as it was."""
     adapt_kwargs = {} if steps is None else {"steps": steps}
+    extra: dict[str, list[float]] = {}
     was_training = algo.training  # type: ignore[attr-defined]
     algo.eval()  # type: ignore[attr-defined]
     accs = torch.empty(episodes)
@@ -73,7 +78,22 @@ def evaluate(
                 predict = algo.adapt(ep.support_x, ep.support_y, **adapt_kwargs)
                 with torch.no_grad():
                     accs[i] = score(predict(ep.query_x), ep.query_y).item()
+                if hasattr(algo, "episode_metrics"):
+                    for name, value in algo.episode_metrics(ep).items():
+                        extra.setdefault(name, []).append(value)
     finally:
         algo.train(was_training)  # type: ignore[attr-defined]
-    std = accs.std().item() if episodes > 1 else 0.0
-    return EvalResult(accs.mean().item(), 1.96 * std / math.sqrt(episodes), episodes, metric)
+    mean, ci95 = mean_ci95(accs)
+    summaries = {}
+    for name, values in extra.items():
+        m, c = mean_ci95(torch.tensor(values))
+        summaries[name] = {"mean": m, "ci95": c, "episodes": len(values)}
+    return EvalResult(mean, ci95, episodes, metric, summaries)
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``(n,)`` per-episode values and the half-width of its normal 95% confidence
+    interval, ``1.96 * std / sqrt(n)`` (0 for a single value)."""
+    n = values.numel()
+    std = values.std().item() if n > 1 else 0.0
+    return values.mean().item(), 1.96 * std / math.sqrt(n)

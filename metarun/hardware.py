@@ -20,6 +20,9 @@ class Hardware:
         channels_last: store images and conv weights as NHWC (``torch.channels_last``);
             about 1.4x faster for conv4 on large batches on a CPU (ProtoNet's 60-way
             episodes), slower for MAML's 5-image tasks: see ``docs/RESULTS.md``.
+        compile: ``torch.compile`` the backbone's forward (in place, so checkpoints keep
+            their keys). ``compile_backend`` picks the compiler: ``inductor`` (generated
+            kernels; needs a C++ compiler on a CPU) or ``eager`` (graph capture only).
     """
 
     def __init__(
@@ -28,6 +31,8 @@ class Hardware:
         amp: str = "off",
         num_threads: int | None = None,
         channels_last: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         amp = getattr(amp, "value", amp)
         if amp not in AMP_DTYPES:
@@ -45,9 +50,28 @@ class Hardware:
             torch.set_num_threads(num_threads)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.compile = compile
+        self.compile_backend = compile_backend
+
+    def compile_backbone(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        """``torch.compile`` of ``backbone``'s forward when ``compile`` is on (in place)."""
+        if self.compile:
+            backbone.compile(backend=self.compile_backend)
+        return backbone
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Moves ``module`` to the device (and to NHWC weights with ``channels_last``)."""
+        """Moves ``module`` (an algorithm) to the device (and to NHWC weights with
+        ``channels_last``). Refuses a compiled backbone under an algorithm that
+        differentiates through its own gradient steps: the compiled backward of
+        ``inductor`` (and of every AOTAutograd backend) has no double backward."""
+        second_order = getattr(module, "first_order", True) is False
+        if self.compile and second_order and self.compile_backend != "eager":
+            raise ValueError(
+                f"hardware.compile=true with compile_backend={self.compile_backend} cannot "
+                f"run second-order {type(module).__name__}: torch.compile's compiled backward "
+                "has no double backward. Use algo.first_order=true, "
+                "hardware.compile_backend=eager, or hardware.compile=false."
+            )
         return module.to(self.device, memory_format=self.memory_format)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -63,4 +87,5 @@ class Hardware:
             "amp": self.amp,
             "threads": torch.get_num_threads(),
             "channels_last": self.memory_format == torch.channels_last,
+            "compile": self.compile_backend if self.compile else False,
         }

@@ -57,12 +57,20 @@ class RunLogger:
         for tag, value in values.items():
             self.tb.add_scalar(tag, value, iteration)
 
-    def progress(self, iteration: int, loss: float, acc: float, tasks_per_iteration: int) -> None:
+    def progress(
+        self,
+        iteration: int,
+        loss: float,
+        acc: float,
+        tasks_per_iteration: int,
+        metric: str = "acc",
+    ) -> None:
         """Updates the bar every iteration; every ``log_every`` iterations also logs the rate
-        (``perf/tasks_per_s``) and, without a terminal, a plain progress line."""
+        (``perf/tasks_per_s``) and, without a terminal, a plain progress line. ``acc`` is the
+        task's metric, shown under its name ``metric`` (``acc``, or ``mse`` for regression)."""
         if self.bar is not None:
             self.bar.update(iteration - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+            self.bar.set_postfix({"loss": f"{loss:.3f}", metric: f"{acc:.3f}"}, refresh=False)
         if iteration % self.log_every and iteration != self.total:
             return
         start_it, start_t = self._window_start
@@ -72,14 +80,16 @@ class RunLogger:
         self.log(iteration, {"perf/tasks_per_s": rate})
         self.jsonl.flush()
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", tasks_s=f"{rate:.1f}")
+            postfix = {"loss": f"{loss:.3f}", metric: f"{acc:.3f}", "tasks_s": f"{rate:.1f}"}
+            self.bar.set_postfix(postfix)
         else:
             eta = (self.total - iteration) * tasks_per_iteration / max(rate, 1e-9)
             log.info(
-                "it %d/%d  loss %.4f  acc %.3f  %.1f tasks/s  eta %s",
+                "it %d/%d  loss %.4f  %s %.3f  %.1f tasks/s  eta %s",
                 iteration,
                 self.total,
                 loss,
+                metric,
                 acc,
                 rate,
                 _duration(eta),
@@ -114,7 +124,14 @@ class NullLogger:
     def log(self, iteration: int, values: dict[str, float]) -> None:
         pass
 
-    def progress(self, iteration: int, loss: float, acc: float, tasks_per_iteration: int) -> None:
+    def progress(
+        self,
+        iteration: int,
+        loss: float,
+        acc: float,
+        tasks_per_iteration: int,
+        metric: str = "acc",
+    ) -> None:
         pass
 
     def close(self) -> None:

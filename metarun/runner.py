@@ -49,28 +49,45 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _StopFlag:
-    """Turns the first SIGINT/SIGTERM into a request to stop at the end of the current
-    iteration (so the checkpoint is consistent); a second SIGINT interrupts at once."""
+    """Turns the first SIGINT/SIGTERM/SIGUSR2 into a request to stop at the end of the
+    current iteration (so the checkpoint is consistent); a second SIGINT interrupts at once.
+
+    SIGUSR2 is what Slurm sends before a time limit or preemption (``--signal=USR2@90``;
+    submitit does the same): once the checkpoint is written, a Python handler that was
+    installed before (submitit's, which requeues the job) is called as if it had received
+    the signal itself."""
+
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name)
+    )
 
     def __init__(self) -> None:
         self.requested = False
+        self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        forward = self._previous.get(self.received)
+        if self.received == getattr(signal, "SIGUSR2", None) and callable(forward):
+            forward(self.received, None)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("stop requested: saving a checkpoint after this iteration")
+        self.received = self.received or signum
+        log.warning(
+            "stop requested (%s): saving a checkpoint after this iteration",
+            signal.Signals(signum).name,
+        )
 
 
 def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -> dict[str, float]:
@@ -98,6 +115,7 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
 
     if wants_stream(cfg):  # a task stream (scenario=...): lifelong learning
         return run_stream(cfg, run_dir, started_at, resume_from)
+    check_eval_budget(cfg.eval)  # before any data is loaded
     hardware = instantiate(cfg.hardware)
     parallel = DataParallel(hardware.device)  # one process unless started by torchrun
     run_dir = Path(parallel.broadcast(str(run_dir)))  # rank 0's folder for every process
@@ -115,14 +133,10 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
     e = cfg.eval
     for split in ("val", "test"):
         fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed)
-    backbone = instantiate(cfg.model)(input_shape=dataset.image_shape)
+    backbone = hardware.compile_backbone(instantiate(cfg.model)(input_shape=dataset.image_shape))
     algo = hardware.prepare(instantiate(cfg.algo)(backbone=backbone, task=task))
     optimizer = torch.optim.Adam(algo.parameters(), lr=t.meta_lr)
-    scheduler = (
-        torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_every, t.lr_decay_gamma)
-        if t.lr_decay_every
-        else None
-    )
+    scheduler = lr_scheduler(optimizer, t)
     state = TrainState()
     if resume_from is not None:
         state = checkpoint.restore(
@@ -189,8 +203,9 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
                 run_dir,
                 task,
                 parallel,
+                t.max_minutes * 60 if t.max_minutes else None,
             )
-        if state.iteration < t.iterations:  # stopped by a signal
+        if state.iteration < t.iterations and not state.budget_reached:  # stopped by a signal
             raise RunInterrupted(run_dir, state.iteration)
         if not parallel.is_main:  # rank 0 validates, tests and writes the results
             return {}
@@ -201,6 +216,9 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         test = evaluate(algo, test_sampler, e.test_episodes, hardware, task.score, m)
         log.info("test %s", test)
         logger.log(state.iteration, {f"test/{m}": test.mean, "test/ci95": test.ci95})
+        if test.extra:  # per-episode metrics of the algorithm (MANN: accuracy by instance)
+            log.info("test %s", {k: round(v["mean"], 4) for k, v in test.extra.items()})
+            logger.log(state.iteration, {f"test/{k}": v["mean"] for k, v in test.extra.items()})
         after_steps = {}  # the same test episodes after other numbers of adaptation steps
         for steps in e.report_steps:
             sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
@@ -222,11 +240,13 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         logger.tb.add_hparams(hparams, {f"hparam/test_{m}": test.mean}, run_name=".")
         results = {
             "test": {m: test.mean, "ci95": test.ci95, "episodes": test.episodes}
-            | ({"after_steps": after_steps} if after_steps else {}),
+            | ({"after_steps": after_steps} if after_steps else {})
+            | ({"episode_metrics": test.extra} if test.extra else {}),
             "val": {f"best_{m}": summary[f"val/{m}"], "best_iteration": state.best_iteration},
             "protocol": _protocol(cfg, pools, algo),
             "training": {
                 "iterations": state.iteration,
+                "ended_by_time_budget": state.budget_reached,
                 "seconds": round(state.train_seconds, 1),
                 "tasks_per_s": round(
                     state.iteration * t.meta_batch_size / max(state.train_seconds, 1e-9), 2
@@ -267,11 +287,14 @@ def train(
     run_dir: Path,
     task: TaskKind = CLASSIFICATION,
     parallel: DataParallel | None = None,
+    max_seconds: float | None = None,
 ) -> None:
     """The meta-training loop: meta-batch -> adaptation and query loss per task ->
     meta-update -> logging -> validation -> checkpoint. Updates ``state`` in place.
     ``task`` names the metric (``train/acc`` or ``train/mse``) and its direction; under
-    ``torchrun``, ``parallel`` splits each meta-batch across the processes."""
+    ``torchrun``, ``parallel`` splits each meta-batch across the processes. With
+    ``max_seconds``, training ends (as if at the last iteration) once that much time has
+    been spent in training steps; ``state.budget_reached`` records it."""
     parallel = parallel or DataParallel(hardware.device)
     algo.train()
     while state.iteration < iterations:
@@ -290,7 +313,11 @@ def train(
         parallel.sum_gradients(algo)  # the whole meta-batch's gradient on every rank
         # One all-reduce: the meta-batch's loss and metric, and whether any rank must stop.
         stop_votes = torch.tensor(float(stop.requested), device=hardware.device)
-        loss_sum, acc_sum, stop_votes = parallel.sum(loss_sum, acc_sum, stop_votes)
+        spent = state.train_seconds + time.perf_counter() - tic
+        over_budget = torch.tensor(float(bool(max_seconds) and spent >= max_seconds))
+        loss_sum, acc_sum, stop_votes, over_budget = parallel.sum(
+            loss_sum, acc_sum, stop_votes, over_budget.to(hardware.device)
+        )
         mean_loss = loss_sum.item() / meta_batch_size
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
@@ -299,6 +326,7 @@ def train(
                 f"{run_dir / 'checkpoints' / LAST}. Lower train.meta_lr or the inner "
                 f"learning rate, or try hardware.amp=off."
             )
+        lr = optimizer.param_groups[0]["lr"]  # the meta learning rate of this update
         hardware.scaler.step(optimizer)
         hardware.scaler.update()
         if scheduler is not None:
@@ -308,14 +336,20 @@ def train(
         state.train_seconds += time.perf_counter() - tic
 
         mean_acc = acc_sum.item() / meta_batch_size
-        logger.log(state.iteration, {"train/loss": mean_loss, f"train/{task.metric}": mean_acc})
-        logger.progress(state.iteration, mean_loss, mean_acc, meta_batch_size)
+        logger.log(
+            state.iteration,
+            {"train/loss": mean_loss, f"train/{task.metric}": mean_acc, "train/lr": lr},
+        )
+        logger.progress(state.iteration, mean_loss, mean_acc, meta_batch_size, task.metric)
         stopping = stop_votes.item() > 0  # Ctrl-C or SIGTERM: every rank stops here
+        # The time budget (train.max_minutes) is spent on some rank: every rank ends here.
+        state.budget_reached = over_budget.item() > 0
+        last = state.iteration == iterations or state.budget_reached
         if not parallel.is_main:  # validation and checkpoints: rank 0 only
-            if stopping:
+            if stopping or last:
                 break
             continue
-        if val_every and (state.iteration % val_every == 0 or state.iteration == iterations):
+        if val_every and (state.iteration % val_every == 0 or last):
             val = validate()
             logger.log(state.iteration, {f"val/{task.metric}": val.mean, "val/ci95": val.ci95})
             log.info("it %d: validation %s", state.iteration, val)
@@ -324,10 +358,50 @@ def train(
             if score > state.best_val_acc:
                 state.best_val_acc, state.best_iteration = score, state.iteration
                 save(BEST)
-        if state.iteration % checkpoint_every == 0 or state.iteration == iterations or stopping:
+        if state.iteration % checkpoint_every == 0 or last or stopping:
             save(LAST)
-        if stopping:
+        if stopping or state.budget_reached:
             break
+
+
+def check_eval_budget(e: DictConfig) -> None:
+    """Refuses validation or test settings that cannot be run, with the fix.
+
+    ``eval.val_every=0`` is the one way to train without validation; whenever validation
+    runs (``val_every > 0``) it needs ``eval.val_episodes >= 1``.
+
+    Raises:
+        ValueError: ``val_episodes < 1`` with ``val_every > 0``, ``test_episodes < 1``, or a
+            negative ``val_every``.
+    """
+    if e.val_every < 0:
+        raise ValueError(
+            f"eval.val_every={e.val_every} is negative: set it to N > 0 to validate every N "
+            f"iterations, or to 0 to train without validation."
+        )
+    if e.val_every > 0 and e.val_episodes < 1:
+        raise ValueError(
+            f"eval.val_episodes={e.val_episodes} with eval.val_every={e.val_every}: "
+            f"validation needs at least one episode. Set eval.val_episodes to 1 or more "
+            f"(100 by default), or eval.val_every=0 to train without validation."
+        )
+    if e.test_episodes < 1:
+        raise ValueError(
+            f"eval.test_episodes={e.test_episodes}: the test needs at least one episode; "
+            f"set eval.test_episodes to 1 or more (600 by default)."
+        )
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, t: DictConfig
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The meta-learning-rate schedule of ``train``: step decay, cosine annealing, or none."""
+    schedule = getattr(t.lr_schedule, "value", t.lr_schedule)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, t.iterations, t.min_lr)
+    if t.lr_decay_every:
+        return torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_every, t.lr_decay_gamma)
+    return None
 
 
 def task_batches(algo: torch.nn.Module, episodes: list[Episode]) -> list[Episode]:

@@ -2,10 +2,13 @@
 
     bash scripts/install_learn2learn.sh     # once, into the environment that runs this
     METARUN_DATA=../shared/data python scripts/benchmark_l2l.py --rounds 3 --out docs/BENCHMARKS.md
+    METARUN_DATA=../shared/data python scripts/benchmark_l2l.py --device cuda --amp bf16
 
 Every measurement runs in a fresh process (so its peak memory is its own) and the two
 libraries alternate, A/B/A/B, for ``--rounds`` rounds; the table gives medians over the
 rounds and the ratio learn2learn / metarun (> 1: metarun is faster or smaller).
+``--device cuda`` runs both on the GPU (episodes sampled on the CPU, as each library does,
+then moved); ``--amp bf16|fp16`` autocasts both libraries' forward passes alike.
 
 Cases (Omniglot, Vinyals split, 28x28, conv4 with 64 channels, Adam 1e-3):
     sampling   5-way 1-shot 15-query training episodes: metarun's ``EpisodeSampler`` vs
@@ -109,17 +112,32 @@ def _conv4_head(ways: int):
 
 
 def _median_time(step, repeats: int, warmup: int = 2) -> float:
+    import torch
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         step()
     times = []
     for _ in range(repeats):
+        sync()
         tic = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - tic)
     return statistics.median(times)
 
 
-def worker(case: str, impl: str, repeats: int, eval_episodes: int) -> dict[str, float]:
+def worker(
+    case: str,
+    impl: str,
+    repeats: int,
+    eval_episodes: int,
+    device: str = "cpu",
+    amp: str = "off",
+) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
@@ -130,6 +148,9 @@ def worker(case: str, impl: str, repeats: int, eval_episodes: int) -> dict[str, 
     from metarun.models import Conv4
 
     pool = _setup()
+    dev = torch.device(device)
+    hardware = Hardware(device, amp=amp)
+    autocast = hardware.autocast  # the same autocast context around both libraries' steps
     rss_after_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if impl == "l2l":
         import learn2learn as l2l
@@ -150,30 +171,33 @@ def worker(case: str, impl: str, repeats: int, eval_episodes: int) -> dict[str, 
     elif case in ("maml2", "maml2v", "maml1"):
         first_order = case == "maml1"
         sampler = EpisodeSampler(pool, 5, 1, 15, seed=0)
-        episodes = [sampler.sample().to("cpu") for _ in range(32)]
+        episodes = [sampler.sample().to(dev) for _ in range(32)]
         if impl == "metarun":
             engine = "vmap" if case == "maml2v" else "loop"
             algo = MAML(Conv4(input_shape=(1, 28, 28)), 5, 0.4, 1, 3, first_order, engine=engine)
             algo.model.load_state_dict(_conv4_head(5).state_dict())
+            algo.to(dev)
             optimizer = torch.optim.Adam(algo.parameters(), 1e-3)
             batches = [Episode.stack(episodes)] if engine == "vmap" else episodes
 
             def step():
                 optimizer.zero_grad()
                 for batch in batches:
-                    loss, _ = algo.meta_loss(batch)
+                    with autocast():
+                        loss, _ = algo.meta_loss(batch)
                     (loss * batch.tasks / 32).backward()
                 optimizer.step()
         else:
-            maml = l2l.algorithms.MAML(_conv4_head(5), lr=0.4, first_order=first_order)
+            maml = l2l.algorithms.MAML(_conv4_head(5), lr=0.4, first_order=first_order).to(dev)
             optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
 
             def step():
                 optimizer.zero_grad()
                 for ep in episodes:
-                    learner = maml.clone()
-                    learner.adapt(F.cross_entropy(learner(ep.support_x), ep.support_y))
-                    loss = F.cross_entropy(learner(ep.query_x), ep.query_y)
+                    with autocast():
+                        learner = maml.clone()
+                        learner.adapt(F.cross_entropy(learner(ep.support_x), ep.support_y))
+                        loss = F.cross_entropy(learner(ep.query_x), ep.query_y)
                     (loss / 32).backward()
                 optimizer.step()
 
@@ -181,27 +205,30 @@ def worker(case: str, impl: str, repeats: int, eval_episodes: int) -> dict[str, 
     elif case == "protonet":
         if impl == "metarun":
             sampler = EpisodeSampler(pool, 60, 1, 5, seed=0)
-            algo = ProtoNet(Conv4(input_shape=(1, 28, 28)))
+            algo = ProtoNet(Conv4(input_shape=(1, 28, 28))).to(dev)
             optimizer = torch.optim.Adam(algo.parameters(), 1e-3)
 
             def step():
                 optimizer.zero_grad()
-                loss, _ = algo.meta_loss(sampler.sample().to("cpu"))
+                with autocast():
+                    loss, _ = algo.meta_loss(sampler.sample().to(dev))
                 loss.backward()
                 optimizer.step()
         else:
             taskset = _l2l_taskset(pool, 60, 6)
-            model = Conv4(input_shape=(1, 28, 28))
+            model = Conv4(input_shape=(1, 28, 28)).to(dev)
             optimizer = torch.optim.Adam(model.parameters(), 1e-3)
 
             def step():
                 optimizer.zero_grad()
-                sx, sy, qx, qy = _l2l_episode(taskset, 1)
-                z = model(torch.cat([sx, qx]))
-                order = torch.argsort(sy)  # prototypes in label order (1 shot per class)
-                protos = z[: sx.shape[0]][order]
-                logits = -torch.cdist(z[sx.shape[0] :], protos).pow(2)
-                F.cross_entropy(logits, qy).backward()
+                sx, sy, qx, qy = (t.to(dev) for t in _l2l_episode(taskset, 1))
+                with autocast():
+                    z = model(torch.cat([sx, qx]))
+                    order = torch.argsort(sy)  # prototypes in label order (1 shot per class)
+                    protos = z[: sx.shape[0]][order]
+                    logits = -torch.cdist(z[sx.shape[0] :].float(), protos.float()).pow(2)
+                    loss = F.cross_entropy(logits, qy)
+                loss.backward()
                 optimizer.step()
 
         value = _median_time(step, repeats)
@@ -209,27 +236,31 @@ def worker(case: str, impl: str, repeats: int, eval_episodes: int) -> dict[str, 
         if impl == "metarun":
             algo = MAML(Conv4(input_shape=(1, 28, 28)), 5, 0.4, 1, 3)
             algo.model.load_state_dict(_conv4_head(5).state_dict())
-            hardware = Hardware("cpu")
+            algo.to(dev)
 
             def run_eval():
                 evaluate(algo, fixed_episodes(pool, 5, 1, 15, 0), eval_episodes, hardware)
         else:
             taskset = _l2l_taskset(pool, 5, 16)
-            maml = l2l.algorithms.MAML(_conv4_head(5), lr=0.4)
+            maml = l2l.algorithms.MAML(_conv4_head(5), lr=0.4).to(dev)
 
             def run_eval():
                 for _ in range(eval_episodes):
-                    sx, sy, qx, qy = _l2l_episode(taskset, 1)
-                    learner = maml.clone()
-                    for _ in range(3):
-                        learner.adapt(F.cross_entropy(learner(sx), sy))
-                    with torch.no_grad():
-                        (learner(qx).argmax(1) == qy).float().mean().item()
+                    sx, sy, qx, qy = (t.to(dev) for t in _l2l_episode(taskset, 1))
+                    with autocast():
+                        learner = maml.clone()
+                        for _ in range(3):
+                            learner.adapt(F.cross_entropy(learner(sx), sy))
+                        with torch.no_grad():
+                            (learner(qx).argmax(1) == qy).float().mean().item()
 
         value = _median_time(run_eval, 1, warmup=0)
     else:
         raise ValueError(f"unknown case {case!r}; choose from {CASES}")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":  # the GPU's peak matters there, not the host's
+        peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+        rss_after_setup = 0
     return {
         "value": value,
         "peak_mb": peak_mb,
@@ -244,6 +275,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per process")
     parser.add_argument("--eval-episodes", type=int, default=600)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16"], help="autocast dtype")
     parser.add_argument("--out", type=Path, default=None, help="Markdown file to write")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,7 +285,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.repeats, args.eval_episodes)))
+        result = worker(*args.worker, args.repeats, args.eval_episodes, args.device, args.amp)
+        print(json.dumps(result))
         return
     try:
         import learn2learn  # noqa: F401
@@ -266,6 +300,7 @@ def main() -> None:
                 command = [sys.executable, __file__, "--worker", case, impl]
                 command += ["--repeats", str(args.repeats)]
                 command += ["--eval-episodes", str(args.eval_episodes)]
+                command += ["--device", args.device, "--amp", args.amp]
                 if args.threads:
                     command += ["--threads", str(args.threads)]
                 out = subprocess.run(command, capture_output=True, text=True)
@@ -284,12 +319,16 @@ def table(results: dict, args: argparse.Namespace) -> str:
 
     import torch
 
+    cuda = args.device.startswith("cuda")
+    gpu = f", {torch.cuda.get_device_name()}" if cuda else ""
+    memory = "GPU memory" if cuda else "RSS"
     lines = [
         f"Measured by `python scripts/benchmark_l2l.py --rounds {args.rounds} --repeats "
-        f"{args.repeats} --eval-episodes {args.eval_episodes}` (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}).",
+        f"{args.repeats} --eval-episodes {args.eval_episodes} --device {args.device} --amp "
+        f"{args.amp}` (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}{gpu}).",
         "",
-        "| case | unit | metarun | learn2learn | ratio | peak RSS metarun / l2l (MB) |",
+        f"| case | unit | metarun | learn2learn | ratio | peak {memory} metarun / l2l (MB) |",
         "|---|---|---|---|---|---|",
     ]
     for case in args.cases:

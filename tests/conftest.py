@@ -75,6 +75,8 @@ def make_cfg(data_dir: Path, cache_dir: Path):
         base = tiny_overrides(data_dir, cache_dir) if tiny else []
         if any(o.startswith("model=") and o != "model=conv4" for o in overrides):
             base.remove("model.hidden=8")
+        if any(o.startswith("hardware=") for o in overrides):
+            base.remove("hardware=cpu")
         if tiny and "model=resnet12" in overrides:  # 12.4M parameters is too slow for tests
             if not any(o.startswith("model.channels=") for o in overrides):
                 base.append("model.channels=[8,8,16,16]")

@@ -276,10 +276,13 @@ def test_every_lifelong_experiment_builds_and_takes_an_update(make_cfg, data_dir
             n_classes=scenario.n_classes,
             input_shape=scenario.input_shape,
             seed=0,
+            task=scenario.task,
         )
         x, y = scenario.tasks[0].inputs("train", torch.arange(2))
-        loss, acc = method.observe(x, y, scenario.train_classes(0))
-        assert math.isfinite(loss) and 0 <= acc <= 1, name
+        loss, metric = method.observe(x, y, scenario.train_classes(0))
+        # accuracy in [0, 1], or a mean squared error (regression streams)
+        in_range = 0 <= metric <= 1 if scenario.task.higher_is_better else metric >= 0
+        assert math.isfinite(loss) and in_range, name
 
 
 def test_cli_refuses_a_meta_learner_in_a_stream_with_the_fix(tmp_path):

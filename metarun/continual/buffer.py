@@ -17,15 +17,24 @@ class ReservoirBuffer(nn.Module):
     Args:
         size: capacity in examples.
         input_shape: ``(C, H, W)`` of one example.
+        target_shape: shape of one target: ``()`` for a label, ``(1,)`` for a regression
+            target.
+        target_dtype: ``torch.long`` for labels, a float type for regression targets.
     """
 
-    def __init__(self, size: int, input_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        size: int,
+        input_shape: tuple[int, ...],
+        target_shape: tuple[int, ...] = (),
+        target_dtype: torch.dtype = torch.long,
+    ):
         super().__init__()
         if size < 1:
             raise ValueError(f"the replay buffer needs size >= 1, got {size}")
         self.size = size
         self.register_buffer("x", torch.zeros(size, *input_shape))
-        self.register_buffer("y", torch.zeros(size, dtype=torch.long))
+        self.register_buffer("y", torch.zeros(size, *target_shape, dtype=target_dtype))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
     def __len__(self) -> int:
@@ -33,10 +42,10 @@ class ReservoirBuffer(nn.Module):
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
-        """Offers a batch ``x (n, C, H, W)``, ``y (n,)`` to the reservoir, in order: the
-        ``k``-th example of the stream takes slot ``k`` while there is room, afterwards a
+        """Offers a batch ``x (n, C, H, W)``, ``y (n, *target_shape)`` to the reservoir, in
+        order: the ``k``-th example of the stream takes slot ``k`` while there is room, then a
         uniform slot in ``0..k`` (kept only when that slot is below ``size``)."""
-        n, seen = y.numel(), int(self.seen)
+        n, seen = y.shape[0], int(self.seen)
         positions = torch.arange(seen, seen + n)
         slots = (torch.rand(n, generator=generator) * (positions + 1)).long()
         slots = torch.where(positions < self.size, positions, slots)
@@ -46,6 +55,6 @@ class ReservoirBuffer(nn.Module):
         self.seen += n
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` examples drawn uniformly with replacement: ``(x (n, C, H, W), y (n,))``."""
+        """``n`` examples drawn uniformly with replacement: ``(x (n, C, H, W), y (n, ...))``."""
         idx = torch.randint(len(self), (n,), generator=generator).to(self.y.device)
         return self.x[idx], self.y[idx]

@@ -1,7 +1,8 @@
 """The stream: config -> scenario and method -> (meta-training) -> tasks in order ->
-accuracy matrix -> results. :func:`metarun.runner.run` hands over here when a scenario is
-set; the run folder, ``metrics.jsonl``, TensorBoard, checkpoints, Ctrl-C and resume work
-as in meta-training. Read :func:`run_stream` top to bottom for the loop.
+matrix of the scenario's metric (accuracy, or MSE for regression) -> results.
+:func:`metarun.runner.run` hands over here when a scenario is set; the run folder,
+``metrics.jsonl``, TensorBoard, checkpoints, Ctrl-C and resume work as in meta-training.
+Read :func:`run_stream` top to bottom for the loop.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from metarun.metrics import RunLogger
 log = logging.getLogger("metarun")
 
 METHODS = "naive, joint, er, ewc, oml, lamaml"
-SCENARIOS = "split_mnist, split_mnist_task_il, permuted_mnist, omniglot_continual"
+SCENARIOS = "split_mnist, split_mnist_task_il, permuted_mnist, omniglot_continual, sinusoid_stream"
 
 
 def is_continual_method(algo_cfg: DictConfig) -> bool:
@@ -68,8 +69,8 @@ class StreamState:
     meta_iteration: int = 0  # meta-training steps done
     task: int = 0  # the task being learned
     step: int = 0  # updates done on that task
-    initial: list[float] | None = None  # accuracy of each task before the stream (b)
-    matrix: list[list[float]] = field(default_factory=list)  # rows done of R
+    initial: list[float] | None = None  # metric of each task before the stream (b)
+    matrix: list[list[float]] = field(default_factory=list)  # rows done of R (acc or MSE)
     train_seconds: float = 0.0
 
 
@@ -88,9 +89,18 @@ def score(
     method: torch.nn.Module, scenario: Scenario, after: int, task: int, device: torch.device
 ) -> float:
     """Accuracy on ``task``'s test examples with the outputs in play after training on tasks
-    ``0..after``; 0 when no output is in play yet (class-incremental, before any task)."""
-    classes = scenario.eval_classes(after, task)
+    ``0..after``; 0 when no output is in play yet (class-incremental, before any task).
+    For a regression stream, the mean squared error on them instead."""
     t = scenario.tasks[task]
+    if scenario.task.outputs is not None:  # regression: the mean of the squared errors
+        method.eval()
+        total = 0.0
+        for idx in torch.arange(t.size("test")).split(1000):
+            x, y = t.inputs("test", idx)
+            error = method(x.to(device)).cpu() - y
+            total += float(error.double().pow(2).mean(1).sum())
+        return total / t.size("test")
+    classes = scenario.eval_classes(after, task)
     if classes.numel() == 0:
         return 0.0
     method.eval()
@@ -108,8 +118,9 @@ def run_stream(
     started_at: float | None = None,
     resume_from: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Learns ``cfg.scenario``'s tasks in order with ``cfg.algo``; writes the accuracy
-    matrix and its summaries to ``results.json``; returns them.
+    """Learns ``cfg.scenario``'s tasks in order with ``cfg.algo``; writes the matrix of the
+    scenario's metric (accuracy, or MSE for regression) and its summaries to
+    ``results.json``; returns them.
 
     Args:
         cfg: the composed config, with ``scenario`` set.
@@ -119,7 +130,8 @@ def run_stream(
 
     Returns:
         ``{"continual/acc", "continual/bwt", "continual/fwt", "continual/forgetting"}``
-        (NaN where undefined) and ``val/acc`` = NaN (a stream has no validation split).
+        (NaN where undefined) and ``val/acc`` = NaN (a stream has no validation split);
+        ``continual/mse`` and ``val/mse`` instead of the ``acc`` keys for regression.
     """
     from metarun.runner import RunInterrupted, _StopFlag
 
@@ -138,7 +150,9 @@ def run_stream(
         n_classes=scenario.n_classes,
         input_shape=scenario.input_shape,
         seed=cfg.seed,
+        task=scenario.task,
     ).to(device)
+    m = scenario.task.metric  # what R holds: "acc", or "mse" for a regression stream
     T = len(scenario.tasks)
     sizes = [
         sum(scenario.tasks[k].size("train") for k in method.training_tasks(i)) for i in range(T)
@@ -183,11 +197,11 @@ def run_stream(
             # 1. Meta-training before the stream (OML); nothing for the other methods.
             if state.meta_iteration < method.meta_iterations:
 
-                def after_meta_step(it: int, loss: float, acc: float) -> bool:
+                def after_meta_step(it: int, loss: float, metric: float) -> bool:
                     state.meta_iteration = it
                     state.iteration += 1
-                    logger.log(state.iteration, {"meta/loss": loss, "meta/acc": acc})
-                    logger.progress(state.iteration, loss, acc, 1)
+                    logger.log(state.iteration, {"meta/loss": loss, f"meta/{m}": metric})
+                    logger.progress(state.iteration, loss, metric, 1, m)
                     if it % cfg.checkpoint_every == 0 or stop.requested:
                         save()
                     return stop.requested
@@ -209,12 +223,12 @@ def run_stream(
                     tic = time.perf_counter()
                     idx = batch_indices(cfg.seed, i, state.step, sizes[i], scenario.batch_size)
                     x, y = draw(learn_from, "train", idx)
-                    loss, acc = method.observe(x.to(device), y.to(device), classes)
+                    loss, metric = method.observe(x.to(device), y.to(device), classes)
                     state.step += 1
                     state.iteration += 1
                     state.train_seconds += time.perf_counter() - tic
-                    logger.log(state.iteration, {"train/loss": loss, "train/acc": acc})
-                    logger.progress(state.iteration, loss, acc, 1)
+                    logger.log(state.iteration, {"train/loss": loss, f"train/{m}": metric})
+                    logger.progress(state.iteration, loss, metric, 1, m)
                     if state.step % cfg.checkpoint_every == 0 or stop.requested:
                         save()
                 if stop.requested:
@@ -223,14 +237,15 @@ def run_stream(
                 row = [score(method, scenario, i, j, device) for j in range(T)]
                 state.matrix.append(row)
                 state.task, state.step = i + 1, 0
-                _log_row(logger, state, row, i)
+                _log_row(logger, state, row, i, m)
                 save()
         R, b = state.matrix, state.initial
-        metrics = summarize(R, b)
-        log.info("accuracy matrix (row i: after task i):\n%s", _format(R))
+        metrics = summarize(R, b, m)
+        log.info("%s matrix (row i: after task i):\n%s", _NAMES[m], _format(R, m))
         log.info(
-            "ACC %.4f  BWT %s  FWT %s  forgetting %s",
-            metrics["acc"],
+            "%s %.4f  BWT %s  FWT %s  forgetting %s",
+            "ACC" if m == "acc" else "average MSE",
+            metrics[m],
             *(
                 f"{metrics[k]:.4f}" if metrics[k] is not None else "n/a"
                 for k in ("bwt", "fwt", "forgetting")
@@ -239,6 +254,7 @@ def run_stream(
         summary = {f"continual/{k}": (float("nan") if v is None else v) for k, v in metrics.items()}
         logger.log(state.iteration, summary)
         results = {
+            "metric": m,
             "continual": metrics,
             "matrix": R,
             "initial": b,
@@ -260,7 +276,7 @@ def run_stream(
             "config": config,
         }
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        return {"val/acc": float("nan"), **summary}
+        return {f"val/{m}": float("nan"), **summary}
     finally:
         logger.close()
 
@@ -278,23 +294,35 @@ def _task_sampler(scenario: Scenario, task: int, seed: int):
     return sample
 
 
-def _log_row(logger: RunLogger, state: StreamState, row: list[float], i: int) -> None:
-    """After task ``i``: mean accuracy over the tasks seen so far and over all tasks, each
-    task's accuracy, and the matrix so far as a heatmap image."""
+_NAMES = {"acc": "accuracy", "mse": "mse"}
+
+
+def _log_row(logger: RunLogger, state: StreamState, row: list[float], i: int, m: str) -> None:
+    """After task ``i``: the mean metric ``m`` (``acc`` or ``mse``) over the tasks seen so
+    far and over all tasks, each task's, and the matrix so far as a heatmap image (MSE
+    drawn on [0, the largest MSE of the matrix and of the untrained model])."""
     values = {
-        "stream/acc_seen": sum(row[: i + 1]) / (i + 1),
-        "stream/acc_all": sum(row) / len(row),
-        **{f"stream/task_{j:03d}": acc for j, acc in enumerate(row)},
+        f"stream/{m}_seen": sum(row[: i + 1]) / (i + 1),
+        f"stream/{m}_all": sum(row) / len(row),
+        **{f"stream/task_{j:03d}": v for j, v in enumerate(row)},
     }
     logger.log(state.iteration, values)
-    logger.tb.add_image(
-        "stream/accuracy_matrix", heatmap(torch.tensor(state.matrix)), state.iteration
+    matrix = torch.tensor(state.matrix)
+    if m == "acc":
+        image = heatmap(matrix)
+    else:
+        worst = max(float(matrix.max()), max(state.initial or [0.0]), 1e-12)
+        image = heatmap(matrix, higher_is_better=False, scale=worst)
+    logger.tb.add_image(f"stream/{_NAMES[m]}_matrix", image, state.iteration)
+    log.info(
+        "after task %d: %s on the tasks seen so far %.4f", i, _NAMES[m], values[f"stream/{m}_seen"]
     )
-    log.info("after task %d: accuracy on the tasks seen so far %.4f", i, values["stream/acc_seen"])
 
 
-def _format(R: list[list[float]]) -> str:
-    return "\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in R)
+def _format(R: list[list[float]], m: str = "acc") -> str:
+    if m == "acc":
+        return "\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in R)
+    return "\n".join(" ".join(f"{v:7.3f}" for v in row) for row in R)
 
 
 def _protocol(cfg: DictConfig, scenario: Scenario, method: ContinualLearner) -> dict[str, Any]:
@@ -309,6 +337,15 @@ def _protocol(cfg: DictConfig, scenario: Scenario, method: ContinualLearner) -> 
         "algo": {k: v for k, v in algo_cfg.items() if not k.startswith("_")},
         "model": cfg.model._target_.rsplit(".", 1)[-1],
         "seed": cfg.seed,
-        "metrics": "R[i][j] = test accuracy on task j after training on task i; forgetting "
-        "max-based (Chaudhry et al. 2018) from the row after learning j",
+        "metrics": _METRICS_PROTOCOL[scenario.task.metric],
     }
+
+
+_METRICS_PROTOCOL = {
+    "acc": "R[i][j] = test accuracy on task j after training on task i; forgetting "
+    "max-based (Chaudhry et al. 2018) from the row after learning j",
+    "mse": "R[i][j] = test mean squared error on task j after training on task i; BWT and "
+    "FWT signed so that positive is better (lower MSE); forgetting = R[T-1][j] minus the "
+    "lowest MSE from the row after learning j (Chaudhry et al. 2018's max-based "
+    "forgetting for an error), positive = worse",
+}

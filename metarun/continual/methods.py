@@ -1,8 +1,9 @@
 """Continual learners: baselines and meta-continual methods. Mirrors ``configs/algo``
 (``naive``, ``joint``, ``er``, ``ewc``, ``oml``, ``lamaml``).
 
-Every method is a backbone (``model=``) with a linear head over all the scenario's classes.
-The stream loop (:mod:`metarun.continual.loop`) calls, in order:
+Every method is a backbone (``model=``) with a linear head over all the scenario's classes
+(one output for a regression stream). The stream loop (:mod:`metarun.continual.loop`)
+calls, in order:
 
 - :meth:`ContinualLearner.pretrain` once, for methods with a meta-training phase (OML);
 - :meth:`ContinualLearner.observe` on every training batch of the current task;
@@ -10,9 +11,11 @@ The stream loop (:mod:`metarun.continual.loop`) calls, in order:
 - ``forward`` to score every task after every task.
 
 Outputs not in play (see :mod:`metarun.continual.scenarios`) are masked to ``-inf``
-before the softmax, in training and in scoring. Each method owns its optimiser and a
-seeded ``torch.Generator``; both are part of its ``state_dict`` (``get_extra_state``),
-so a resumed stream continues exactly.
+before the softmax, in training and in scoring. The scenario's ``task``
+(:class:`metarun.algorithms.base.TaskKind`) gives the loss and the metric every method
+reports: cross-entropy and accuracy, or MSE and MSE for a regression stream (no masking).
+Each method owns its optimiser and a seeded ``torch.Generator``; both are part of its
+``state_dict`` (``get_extra_state``), so a resumed stream continues exactly.
 """
 
 from __future__ import annotations
@@ -25,11 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from metarun.algorithms.base import CLASSIFICATION, TaskKind
 from metarun.continual.buffer import ReservoirBuffer
+from metarun.continual.scenarios import SineFunctions
 from metarun.data.episodes import ClassPool
 
 Sampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 """``sample(n)`` -> ``(x (n, C, H, W), y (n,))``: training examples of the task just learned."""
+
+
+def replay_buffer(size: int, input_shape: tuple[int, ...], task: TaskKind) -> ReservoirBuffer:
+    """A reservoir that stores labels (classification) or ``(outputs,)`` float targets."""
+    if task.outputs is None:
+        return ReservoirBuffer(size, input_shape)
+    return ReservoirBuffer(size, input_shape, (task.outputs,), torch.float32)
 
 
 def masked_logits(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -55,10 +67,12 @@ class ContinualLearner(nn.Module):
 
     Args:
         backbone: maps ``(n, C, H, W)`` to ``(n, out_features)``.
-        n_classes: outputs of the head.
+        n_classes: outputs of the head (classification).
         input_shape: ``(C, H, W)`` of one example.
         seed: seeds the method's generator (replay sampling, Fisher samples, ...).
         lr: Adam learning rate of the baselines.
+        task: the scenario's loss and metric (``CLASSIFICATION`` or ``REGRESSION``, whose
+            head has ``task.outputs`` outputs).
     """
 
     cumulative = False  # joint training draws every batch from all tasks seen so far
@@ -71,10 +85,12 @@ class ContinualLearner(nn.Module):
         input_shape: tuple[int, ...],
         seed: int,
         lr: float = 1e-3,
+        task: TaskKind = CLASSIFICATION,
     ):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.out_features, n_classes)
+        self.task = task
+        self.head = nn.Linear(backbone.out_features, task.head_outputs(n_classes))
         self.generator = torch.Generator().manual_seed(seed)
         self.lr = lr
         self.optimizer = self.make_optimizer()
@@ -83,8 +99,13 @@ class ContinualLearner(nn.Module):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(n, C, H, W)`` -> logits ``(n, n_classes)``."""
+        """``(n, C, H, W)`` -> logits ``(n, n_classes)`` (regression: ``(n, outputs)``)."""
         return self.head(self.backbone(x))
+
+    def in_play(self, outputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Logits with the outputs outside ``classes`` masked (classification); regression
+        predictions unchanged."""
+        return masked_logits(outputs, classes) if self.task.outputs is None else outputs
 
     def training_tasks(self, task: int) -> list[int]:
         """The tasks whose training data the batches of ``task`` are drawn from."""
@@ -96,18 +117,19 @@ class ContinualLearner(nn.Module):
         return 0
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(masked_logits(self(x), classes), y)
+        return self.task.loss(self.in_play(self(x), classes), y)
 
     def observe(
         self, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor
     ) -> tuple[float, float]:
-        """One update on a training batch ``x (n, C, H, W)``, ``y (n,)`` with the outputs
-        ``classes`` in play; returns ``(loss, accuracy)`` on the batch."""
+        """One update on a training batch ``x (n, C, H, W)``, ``y (n,)`` (regression:
+        ``(n, outputs)``) with the outputs ``classes`` in play; returns ``(loss, metric)``
+        on the batch (the metric is accuracy, or MSE for regression)."""
         self.train()
-        logits = masked_logits(self(x), classes)
-        loss = F.cross_entropy(logits, y) + self.penalty()
+        logits = self.in_play(self(x), classes)
+        loss = self.task.loss(logits, y) + self.penalty()
         self._step(loss, "training")
-        return loss.item(), (logits.argmax(1) == y).float().mean().item()
+        return loss.item(), self.task.score(logits, y).item()
 
     def penalty(self) -> torch.Tensor | float:
         """A regulariser added to the training loss (EWC); 0 for the others."""
@@ -160,24 +182,25 @@ class ExperienceReplay(ContinualLearner):
         lr: float = 1e-3,
         buffer_size: int = 500,
         replay_batch_size: int = 128,
+        task: TaskKind = CLASSIFICATION,
     ):
-        super().__init__(backbone, n_classes, input_shape, seed, lr)
-        self.buffer = ReservoirBuffer(buffer_size, input_shape)
+        super().__init__(backbone, n_classes, input_shape, seed, lr, task)
+        self.buffer = replay_buffer(buffer_size, input_shape, task)
         self.replay_batch_size = replay_batch_size
 
     def observe(self, x, y, classes):
         self.train()
-        n = y.numel()
+        n = y.shape[0]
         if len(self.buffer):
             rx, ry = self.buffer.sample(self.replay_batch_size, self.generator)
             inputs, labels = torch.cat([x, rx]), torch.cat([y, ry])
         else:
             inputs, labels = x, y
-        logits = masked_logits(self(inputs), classes)
-        loss = F.cross_entropy(logits, labels)
+        logits = self.in_play(self(inputs), classes)
+        loss = self.task.loss(logits, labels)
         self._step(loss, "training")
         self.buffer.add(x, y, self.generator)
-        return loss.item(), (logits[:n].argmax(1) == y).float().mean().item()
+        return loss.item(), self.task.score(logits[:n], y).item()
 
 
 class EWC(ContinualLearner):
@@ -187,7 +210,10 @@ class EWC(ContinualLearner):
 
     The Fisher is the mean squared gradient of the log-likelihood of the model's own
     predicted label, one example at a time (``torch.func.vmap``), over ``fisher_samples``
-    training examples of the task, with the task's outputs in play.
+    training examples of the task, with the task's outputs in play. For regression the
+    model is read as a Gaussian of unit variance around its prediction ``f(x)``, whose
+    Fisher is the expected squared gradient of the log-likelihood over targets drawn from
+    it: the squared gradient of ``f(x)`` itself.
 
     Args:
         ewc_lambda: strength of the penalty.
@@ -203,8 +229,9 @@ class EWC(ContinualLearner):
         lr: float = 1e-3,
         ewc_lambda: float = 100.0,
         fisher_samples: int = 500,
+        task: TaskKind = CLASSIFICATION,
     ):
-        super().__init__(backbone, n_classes, input_shape, seed, lr)
+        super().__init__(backbone, n_classes, input_shape, seed, lr, task)
         self.ewc_lambda, self.fisher_samples = ewc_lambda, fisher_samples
         self.anchors: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
 
@@ -235,9 +262,14 @@ class EWC(ContinualLearner):
             # the log-probability of the predicted label is the largest one
             return masked_logits(logits, classes).log_softmax(-1).max()
 
+        def prediction(p: dict, xi: torch.Tensor) -> torch.Tensor:
+            # regression, one output: N(f(x), 1) has Fisher E[(d log p / d theta)^2] = (df/dtheta)^2
+            return functional_call(self, (p, buffers), (xi.unsqueeze(0),)).sum()
+
+        per_example = log_likelihood if self.task.outputs is None else prediction
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         for chunk in x.split(100):
-            grads = vmap(grad(log_likelihood), in_dims=(None, 0))(params, chunk)
+            grads = vmap(grad(per_example), in_dims=(None, 0))(params, chunk)
             for n, g in grads.items():
                 fisher[n] += g.pow(2).sum(0)
         fisher = {n: f / x.shape[0] for n, f in fisher.items()}
@@ -267,11 +299,22 @@ class OML(ContinualLearner):
     and the head's initial weights through every inner step (second order); Adam with
     ``meta_lr``. The paper's remember set is drawn from the trajectory's classes here.
 
+    On a regression stream (``scenario=sinusoid_stream``) the meta-training set holds
+    functions (:class:`metarun.continual.scenarios.SineFunctions`): a trajectory is
+    ``trajectory_classes`` functions with the ids ``0, 1, ...``, ``trajectory_shots``
+    points of each learned function after function in SGD steps of the stream's batch
+    size (as the paper's regression protocol does), and ``query_shots`` other points per
+    function; the loss is the MSE and the head, one output shared by all functions, is not
+    reset.
+
     Args:
-        fast_lr: SGD step of the head, per example, in meta-training and in the stream.
+        fast_lr: SGD step of the head, per example (per batch in a regression stream), in
+            meta-training and in the stream.
         meta_lr: Adam learning rate of the meta-update.
         meta_iterations: meta-training steps before the stream.
-        trajectory_classes, trajectory_shots, query_shots: the shape of one meta-step.
+        trajectory_classes, trajectory_shots, query_shots: the shape of one meta-step
+            (classes, or functions, per trajectory; examples of each in the trajectory;
+            other examples of each in the meta-loss).
         first_order: drop the second-order terms of the inner steps.
     """
 
@@ -288,19 +331,28 @@ class OML(ContinualLearner):
         trajectory_shots: int = 5,
         query_shots: int = 5,
         first_order: bool = False,
+        task: TaskKind = CLASSIFICATION,
     ):
-        if trajectory_classes > n_classes:
+        if task.outputs is None and trajectory_classes > n_classes:
             raise ValueError(
                 f"trajectory_classes={trajectory_classes} exceeds the head's {n_classes} "
                 f"outputs; lower algo.trajectory_classes"
             )
-        super().__init__(backbone, n_classes, input_shape, seed, lr=meta_lr)
+        super().__init__(backbone, n_classes, input_shape, seed, lr=meta_lr, task=task)
         self.fast_lr, self.meta_iterations, self.first_order = fast_lr, meta_iterations, first_order
         self.shape = (trajectory_classes, trajectory_shots, query_shots)
 
-    def _meta_batch(self, pool: ClassPool):
+    def _meta_batch(self, pool: ClassPool | SineFunctions):
+        """One trajectory: ``x (n, C, H, W)``, targets ``y (n,)`` (or ``(n, 1)``), the
+        inner step of each example ``step (n,)`` (``-1``: not in the trajectory, only in
+        the meta-loss), and ``reset (n_outputs,)``, the head rows to zero first."""
         ways, shots, queries = self.shape
         g = self.generator
+        device = self.head.weight.device
+        if isinstance(pool, SineFunctions):
+            x, y, step = pool.trajectory(ways, shots, queries, g)
+            reset = torch.zeros(self.head.out_features, dtype=torch.bool)
+            return x.to(device), y.to(device), step.to(device), reset.to(device)
         classes = torch.randperm(pool.n_classes, generator=g)[:ways]
         units = torch.randperm(self.head.out_features, generator=g)[:ways]
         picked = []
@@ -313,36 +365,41 @@ class OML(ContinualLearner):
                 )
             picked.append(items[torch.randperm(items.numel(), generator=g)[: shots + queries]])
         items = torch.stack(picked)  # (ways, shots + queries)
-        device = self.head.weight.device
         x = pool.images[items.flatten()].float().div_(255).to(device)
         y = units.repeat_interleave(shots + queries).to(device)
         is_traj = torch.arange(shots + queries).repeat(ways) < shots
-        return x, y, is_traj.to(device), units.to(device)
+        step = torch.where(is_traj, is_traj.cumsum(0) - 1, -1)  # one example per step
+        reset = torch.zeros(self.head.out_features, dtype=torch.bool)
+        reset[units] = True
+        return x, y, step.to(device), reset.to(device)
 
-    def pretrain(self, pool: ClassPool | None, iteration: int, log: Callable) -> int:
+    def pretrain(
+        self, pool: ClassPool | SineFunctions | None, iteration: int, log: Callable
+    ) -> int:
         if pool is None:
             raise ValueError(
                 "OML meta-trains its representation on background classes before the stream, "
-                "and this scenario has none: use scenario=omniglot_continual, or a method "
-                "without a meta-training phase (naive, joint, er, ewc, lamaml)."
+                "and this scenario has none: use scenario=omniglot_continual (or "
+                "sinusoid_stream with scenario.meta_functions > 0), or a method without a "
+                "meta-training phase (naive, joint, er, ewc, lamaml)."
             )
         self.train()
         for it in range(iteration, self.meta_iterations):
-            x, y, is_traj, units = self._meta_batch(pool)
+            x, y, step, reset = self._meta_batch(pool)
             feats = self.backbone(x)
-            reset = torch.zeros(self.head.out_features, dtype=torch.bool, device=x.device)
-            reset[units] = True
             w = self.head.weight.masked_fill(reset[:, None], 0.0)
             b = self.head.bias.masked_fill(reset, 0.0)
-            for k in torch.nonzero(is_traj).flatten().tolist():  # class after class
-                loss = F.cross_entropy(F.linear(feats[k : k + 1], w, b), y[k : k + 1])
+            for s in range(int(step.max()) + 1):  # in trajectory order: task after task
+                k = step == s
+                loss = self.task.loss(F.linear(feats[k], w, b), y[k])
                 gw, gb = torch.autograd.grad(loss, (w, b), create_graph=not self.first_order)
                 w, b = w - self.fast_lr * gw, b - self.fast_lr * gb
-            logits = F.linear(feats, w, b)
-            meta_loss = F.cross_entropy(logits, y)
+            predictions = F.linear(feats, w, b)
+            meta_loss = self.task.loss(predictions, y)
             self._step(meta_loss, "meta-training")
-            acc = (logits[~is_traj].argmax(1) == y[~is_traj]).float().mean().item()
-            if log(it + 1, meta_loss.item(), acc):
+            query = step < 0
+            metric = self.task.score(predictions[query], y[query]).item()
+            if log(it + 1, meta_loss.item(), metric):
                 return it + 1
         return self.meta_iterations
 
@@ -351,14 +408,14 @@ class OML(ContinualLearner):
         self.eval()
         with torch.no_grad():
             feats = self.backbone(x)
-        logits = masked_logits(self.head(feats), classes)
-        loss = F.cross_entropy(logits, y)
+        logits = self.in_play(self.head(feats), classes)
+        loss = self.task.loss(logits, y)
         _check_finite(loss, "training")
         gw, gb = torch.autograd.grad(loss, (self.head.weight, self.head.bias))
         with torch.no_grad():
             self.head.weight -= self.fast_lr * gw
             self.head.bias -= self.fast_lr * gb
-        return loss.item(), (logits.argmax(1) == y).float().mean().item()
+        return loss.item(), self.task.score(logits, y).item()
 
 
 class LaMAML(ContinualLearner):
@@ -392,29 +449,30 @@ class LaMAML(ContinualLearner):
         buffer_size: int = 500,
         replay_batch_size: int = 128,
         first_order: bool = False,
+        task: TaskKind = CLASSIFICATION,
     ):
-        super().__init__(backbone, n_classes, input_shape, seed)
+        super().__init__(backbone, n_classes, input_shape, seed, task=task)
         names = [n for n, _ in self.named_parameters()]
         self.alphas = nn.ParameterList(
             [nn.Parameter(torch.full_like(p, fast_lr)) for p in self.parameters()]
         )
         self.weight_names = names
         self.optimizer = torch.optim.SGD(self.alphas.parameters(), lr=meta_lr)
-        self.buffer = ReservoirBuffer(buffer_size, input_shape)
+        self.buffer = replay_buffer(buffer_size, input_shape, task)
         self.adaptation_steps, self.replay_batch_size = adaptation_steps, replay_batch_size
         self.first_order = first_order
 
     def observe(self, x, y, classes):
         self.train()
-        n = y.numel()
+        n = y.shape[0]
         params = dict(self.named_parameters())
         weights = {name: params[name] for name in self.weight_names}
         fast = dict(weights)
         for cx, cy in zip(
             x.chunk(self.adaptation_steps), y.chunk(self.adaptation_steps), strict=True
         ):
-            logits = masked_logits(functional_call(self, fast, (cx,)), classes)
-            loss = F.cross_entropy(logits, cy)
+            logits = self.in_play(functional_call(self, fast, (cx,)), classes)
+            loss = self.task.loss(logits, cy)
             grads = torch.autograd.grad(
                 loss, list(fast.values()), create_graph=not self.first_order
             )
@@ -425,8 +483,8 @@ class LaMAML(ContinualLearner):
             x_meta, y_meta = torch.cat([x, rx]), torch.cat([y, ry])
         else:
             x_meta, y_meta = x, y
-        logits = masked_logits(functional_call(self, fast, (x_meta,)), classes)
-        meta_loss = F.cross_entropy(logits, y_meta)
+        logits = self.in_play(functional_call(self, fast, (x_meta,)), classes)
+        meta_loss = self.task.loss(logits, y_meta)
         _check_finite(meta_loss, "meta")
         grads = torch.autograd.grad(meta_loss, [*weights.values(), *self.alphas])
         w_grads, a_grads = grads[: len(weights)], grads[len(weights) :]
@@ -438,4 +496,4 @@ class LaMAML(ContinualLearner):
             for w, a, g in zip(weights.values(), self.alphas, w_grads, strict=True):
                 w -= a.clamp(min=0) * g
         self.buffer.add(x, y, self.generator)
-        return meta_loss.item(), (logits[:n].argmax(1) == y).float().mean().item()
+        return meta_loss.item(), self.task.score(logits[:n], y).item()

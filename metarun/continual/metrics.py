@@ -1,19 +1,26 @@
-"""The accuracy matrix of a task stream and the summaries computed from it.
+"""The matrix of a task stream and the summaries computed from it.
 
-``R[i][j]`` is the accuracy on task ``j`` after training on tasks ``0..i`` (``T x T``,
+``R[i][j]`` is the metric of task ``j`` after training on tasks ``0..i`` (``T x T``,
 ``T`` tasks; every task is scored after every task, future ones included), and ``b[j]``
-the accuracy on task ``j`` of the model before any training, scored with the same
-outputs in play as ``R[j-1][j]``.
+the metric of task ``j`` for the model before any training, scored with the same outputs
+in play as ``R[j-1][j]``. The metric is the scenario's: accuracy (``acc``, higher is
+better) for classification streams, mean squared error (``mse``, lower is better) for
+regression streams.
 
-- ACC (average accuracy): ``mean_j R[T-1][j]``.
-- BWT (backward transfer, Lopez-Paz & Ranzato 2017): ``mean_{j<T-1} R[T-1][j] - R[j][j]``;
-  negative is forgetting.
-- FWT (forward transfer, same paper): ``mean_{j>0} R[j-1][j] - b[j]``.
-- Forgetting (Chaudhry et al. 2018, "Riemannian Walk"): ``mean_{j<T-1} f_j`` with
-  ``f_j = max_{j <= l < T-1} R[l][j] - R[T-1][j]``, the drop from the best accuracy task
-  ``j`` had once learned. The maximum starts at ``l = j``: rows before task ``j`` was
-  trained on do not count, so a task never learned has no forgetting to report (0), not
-  a negative one.
+- ACC (average accuracy) or average MSE: ``mean_j R[T-1][j]``, reported under the
+  metric's name (``acc`` or ``mse``).
+- BWT (backward transfer, Lopez-Paz & Ranzato 2017): ``mean_{j<T-1} R[T-1][j] - R[j][j]``
+  for accuracy, ``mean_{j<T-1} R[j][j] - R[T-1][j]`` for MSE: positive when the earlier
+  tasks got better after learning the later ones, negative when they were forgotten.
+- FWT (forward transfer, same paper): ``mean_{j>0} R[j-1][j] - b[j]`` for accuracy,
+  ``mean_{j>0} b[j] - R[j-1][j]`` for MSE: positive when learning the earlier tasks
+  helped a task before it was trained on.
+- Forgetting (Chaudhry et al. 2018, "Riemannian Walk"): ``mean_{j<T-1} f_j``, the drop
+  from the best value task ``j`` had once learned: ``f_j = max_{j <= l < T-1} R[l][j] -
+  R[T-1][j]`` for accuracy, ``f_j = R[T-1][j] - min_{j <= l < T-1} R[l][j]`` for MSE.
+  Positive forgetting means "got worse" for both metrics. The best value is taken from
+  row ``l = j`` on: rows before task ``j`` was trained on do not count, so a task never
+  learned has no forgetting to report (0), not a negative one.
 
 With a single task BWT, FWT and forgetting are undefined and are returned as ``None``.
 Inputs are plain lists (or tensors) so the formulas can be checked by hand.
@@ -25,6 +32,9 @@ from collections.abc import Sequence
 
 import torch
 
+HIGHER_IS_BETTER = {"acc": True, "mse": False}
+"""The metrics a matrix can hold and their direction."""
+
 
 def _matrix(R: Sequence[Sequence[float]] | torch.Tensor) -> torch.Tensor:
     m = torch.as_tensor(R, dtype=torch.float64)
@@ -33,24 +43,33 @@ def _matrix(R: Sequence[Sequence[float]] | torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _sign(higher_is_better: bool) -> float:
+    """+1 for accuracy, -1 for MSE: multiplies a change so that positive means better."""
+    return 1.0 if higher_is_better else -1.0
+
+
 def average_accuracy(R) -> float:
-    """ACC: mean accuracy over all tasks after the last one."""
+    """ACC: mean metric over all tasks after the last one (the average MSE for regression)."""
     m = _matrix(R)
     return float(m[-1].mean())
 
 
-def backward_transfer(R) -> float | None:
-    """BWT: mean change on earlier tasks between learning them and the end of the stream."""
+def backward_transfer(R, higher_is_better: bool = True) -> float | None:
+    """BWT: mean change on earlier tasks between learning them and the end of the stream,
+    signed so that positive is an improvement and negative is forgetting."""
     m = _matrix(R)
     T = m.shape[0]
     if T < 2:
         return None
-    return float((m[-1, : T - 1] - m.diagonal()[: T - 1]).mean())
+    change = (m[-1, : T - 1] - m.diagonal()[: T - 1]).mean()
+    return float(_sign(higher_is_better) * change)
 
 
-def forward_transfer(R, initial: Sequence[float] | torch.Tensor) -> float | None:
-    """FWT: mean accuracy on each task just before training on it, minus the untrained
-    model's (``initial`` = ``b``, one value per task)."""
+def forward_transfer(
+    R, initial: Sequence[float] | torch.Tensor, higher_is_better: bool = True
+) -> float | None:
+    """FWT: mean metric on each task just before training on it, against the untrained
+    model's (``initial`` = ``b``, one value per task); positive is an improvement."""
     m = _matrix(R)
     T = m.shape[0]
     b = torch.as_tensor(initial, dtype=torch.float64)
@@ -59,26 +78,35 @@ def forward_transfer(R, initial: Sequence[float] | torch.Tensor) -> float | None
     if T < 2:
         return None
     before = torch.stack([m[j - 1, j] for j in range(1, T)])
-    return float((before - b[1:]).mean())
+    return float(_sign(higher_is_better) * (before - b[1:]).mean())
 
 
-def forgetting(R) -> float | None:
-    """Average forgetting (max-based, Chaudhry et al. 2018) over all tasks but the last."""
+def forgetting(R, higher_is_better: bool = True) -> float | None:
+    """Average forgetting (max-based, Chaudhry et al. 2018) over all tasks but the last:
+    how much worse each task ends than the best it had been once learned (positive =
+    worse, for accuracy and for MSE alike)."""
     m = _matrix(R)
     T = m.shape[0]
     if T < 2:
         return None
-    drops = [float(m[j : T - 1, j].max() - m[T - 1, j]) for j in range(T - 1)]
+    if higher_is_better:
+        drops = [float(m[j : T - 1, j].max() - m[T - 1, j]) for j in range(T - 1)]
+    else:
+        drops = [float(m[T - 1, j] - m[j : T - 1, j].min()) for j in range(T - 1)]
     return sum(drops) / len(drops)
 
 
-def summarize(R, initial) -> dict[str, float | None]:
-    """``{"acc", "bwt", "fwt", "forgetting"}`` of one run."""
+def summarize(R, initial, metric: str = "acc") -> dict[str, float | None]:
+    """``{metric, "bwt", "fwt", "forgetting"}`` of one run, where ``metric`` (``acc`` or
+    ``mse``) names what ``R`` holds and keys its average over the tasks."""
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {list(HIGHER_IS_BETTER)}")
+    hib = HIGHER_IS_BETTER[metric]
     return {
-        "acc": average_accuracy(R),
-        "bwt": backward_transfer(R),
-        "fwt": forward_transfer(R, initial),
-        "forgetting": forgetting(R),
+        metric: average_accuracy(R),
+        "bwt": backward_transfer(R, hib),
+        "fwt": forward_transfer(R, initial, hib),
+        "forgetting": forgetting(R, hib),
     }
 
 
@@ -89,18 +117,27 @@ _COLORS = torch.tensor(
 )
 
 
-def heatmap(R: torch.Tensor, cell: int = 16) -> torch.Tensor:
-    """The accuracy matrix as an RGB image for TensorBoard, drawn with torch only.
+def heatmap(
+    R: torch.Tensor, cell: int = 16, higher_is_better: bool = True, scale: float = 1.0
+) -> torch.Tensor:
+    """The matrix as an RGB image for TensorBoard, drawn with torch only.
 
     Args:
-        R: ``(rows, T)`` accuracies in [0, 1]; rows not yet trained are absent.
+        R: ``(rows, T)`` values; rows not yet trained are absent.
         cell: pixels per matrix cell.
+        higher_is_better: accuracies (1 is best) or errors such as MSE (0 is best).
+        scale: values are drawn on ``[0, scale]`` (1 for accuracies; for MSE, e.g. the
+            largest MSE of the run), clamped to it.
 
     Returns:
-        ``(3, rows * cell, T * cell)`` uint8; row ``i`` (after task ``i``) at the top,
-        0 dark purple, 1 yellow, a 1-pixel grey grid between cells.
+        ``(3, rows * cell, T * cell)`` uint8; row ``i`` (after task ``i``) at the top; the
+        best value (accuracy ``scale``, MSE 0) yellow, the worst dark purple; a 1-pixel
+        grey grid between cells.
     """
-    v = R.detach().float().clamp(0, 1) * (len(_COLORS) - 1)
+    v = (R.detach().float() / scale).clamp(0, 1)
+    if not higher_is_better:
+        v = 1 - v
+    v = v * (len(_COLORS) - 1)
     lo = v.floor().long().clamp(max=len(_COLORS) - 2)
     frac = (v - lo).unsqueeze(-1)
     rgb = _COLORS[lo] * (1 - frac) + _COLORS[lo + 1] * frac  # (rows, T, 3)

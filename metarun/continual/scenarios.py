@@ -8,6 +8,10 @@ scenarios for continual learning"):
 ``class``: every class seen so far (one growing head; the task is not known at test time).
 ``domain``: all outputs, always (the label space is shared by all tasks).
 
+A regression stream (``sinusoid_stream``) has no classes: its tasks are functions, its one
+output is shared, and each task is scored by its mean squared error instead of accuracy
+(``Scenario.task``).
+
 Stream order and task composition come from the scenario's ``seed`` and are recorded in
 ``results.json`` (:meth:`Scenario.describe`).
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from metarun.algorithms.base import CLASSIFICATION, REGRESSION, TaskKind
 from metarun.data.episodes import ClassPool
 
 INCREMENTAL = ("task", "class", "domain")
@@ -34,12 +39,12 @@ class Task:
 
     Attributes:
         name: for reports, e.g. ``digits 0,1`` or ``permutation 3``.
-        classes: ``(k,)`` global labels the task uses.
+        classes: ``(k,)`` global labels the task uses (empty for regression).
         train_x: ``(n_train, C, H, W)`` uint8 images (shared with other tasks when
-            ``permutation`` is set).
-        train_y: ``(n_train,)`` global labels.
-        test_x: ``(n_test, C, H, W)`` uint8.
-        test_y: ``(n_test,)``.
+            ``permutation`` is set), or ``(n_train, d)`` float inputs (regression).
+        train_y: ``(n_train,)`` global labels, or ``(n_train, 1)`` float targets.
+        test_x: ``(n_test, C, H, W)`` uint8, or ``(n_test, d)`` float.
+        test_y: ``(n_test,)``, or ``(n_test, 1)`` float.
         permutation: ``(C*H*W,)`` pixel permutation applied when inputs are drawn, or None.
     """
 
@@ -55,8 +60,11 @@ class Task:
         return (self.train_y if split == "train" else self.test_y).numel()
 
     def inputs(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Examples ``idx`` of ``split`` as ``(floats in [0, 1] (n, C, H, W), labels (n,))``."""
+        """Examples ``idx`` of ``split`` as ``(floats in [0, 1] (n, C, H, W), labels (n,))``;
+        float inputs and targets (regression) are returned as they are stored."""
         x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        if x.is_floating_point():
+            return x.index_select(0, idx), y.index_select(0, idx)
         images = x.index_select(0, idx).float().div_(255)
         if self.permutation is not None:
             flat = images.flatten(1).index_select(1, self.permutation)
@@ -91,13 +99,18 @@ class Scenario:
 
     Attributes:
         tasks: in stream order.
-        n_classes: outputs of the head (global labels are ``0..n_classes-1``).
-        input_shape: ``(C, H, W)``.
+        n_classes: outputs of the head (global labels are ``0..n_classes-1``); 0 for a
+            regression stream, whose head has ``task.outputs`` outputs.
+        input_shape: ``(C, H, W)``, or ``(d,)`` for vector inputs.
         incremental: ``task``, ``class`` or ``domain`` (module docstring).
         epochs: passes over each task's training data.
         batch_size: training examples per step (1 for the OML online protocol).
-        meta_train: classes for a meta-training phase before the stream (OML), or None.
+        meta_train: classes (or, for regression, :class:`SineFunctions`) for a
+            meta-training phase before the stream (OML), or None.
         info: what else defines the protocol, recorded with the results.
+        task: what the tasks ask: ``CLASSIFICATION`` (cross-entropy, scored by accuracy)
+            or ``REGRESSION`` (MSE loss, scored by MSE); see
+            :class:`metarun.algorithms.base.TaskKind`.
     """
 
     tasks: list[Task]
@@ -106,8 +119,9 @@ class Scenario:
     incremental: str
     epochs: int
     batch_size: int
-    meta_train: ClassPool | None = None
+    meta_train: ClassPool | SineFunctions | None = None
     info: dict = field(default_factory=dict)
+    task: TaskKind = CLASSIFICATION
 
     def __post_init__(self) -> None:
         if self.incremental not in INCREMENTAL:
@@ -143,7 +157,7 @@ class Scenario:
             "n_classes": self.n_classes,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
-            "meta_train_classes": None if self.meta_train is None else self.meta_train.n_classes,
+            "meta_train_classes": getattr(self.meta_train, "n_classes", None),
             "tasks": [
                 {
                     "name": t.name,
@@ -356,4 +370,191 @@ def omniglot_continual(
             "train_shots": train_shots,
             "meta_train_split": "background (964 characters)",
         },
+    )
+
+
+def _uniform(bounds: tuple[float, float], shape: tuple[int, ...], g: torch.Generator):
+    low, high = bounds
+    return low + (high - low) * torch.rand(shape, generator=g)
+
+
+def _bounds(name: str, value) -> tuple[float, float]:
+    """``scenario.<name>`` as ``(low, high)`` floats, refused unless ``low <= high``."""
+    if len(value) != 2 or not value[0] <= value[1]:
+        raise ScenarioError(f"scenario.{name} must be [low, high] with low <= high, got {value}")
+    return float(value[0]), float(value[1])
+
+
+def sine_inputs(slots: torch.Tensor, x: torch.Tensor, width: int) -> torch.Tensor:
+    """The inputs of a sinusoid stream: the one-hot id of each point's function, then ``x``.
+
+    Args:
+        slots: ``(n,)`` the function's position in the stream (``0..width-1``).
+        x: ``(n,)`` the points.
+        width: length of the one-hot id.
+
+    Returns:
+        ``(n, width + 1)`` float.
+    """
+    return torch.cat([torch.nn.functional.one_hot(slots, width).float(), x.unsqueeze(1)], 1)
+
+
+@dataclass
+class SineFunctions:
+    """The meta-training functions of a sinusoid stream (OML's pre-training set):
+    ``y = amplitude * sin(x - phase)``, drawn once from the scenario's seed, never the
+    stream's functions.
+
+    Attributes:
+        amplitude: ``(m,)`` one per function.
+        phase: ``(m,)``.
+        x_range: ``(low, high)`` of the uniform points.
+        slots: width of the one-hot function id (the stream's ``n_tasks``).
+        batch_size: points per inner step, the stream's batch size.
+    """
+
+    amplitude: torch.Tensor
+    phase: torch.Tensor
+    x_range: tuple[float, float]
+    slots: int
+    batch_size: int
+
+    @property
+    def n_functions(self) -> int:
+        return self.amplitude.numel()
+
+    def trajectory(
+        self, functions: int, shots: int, queries: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One meta-training trajectory, laid out as a stream is: ``functions`` distinct
+        functions of the set, the ``k``-th one with id ``k``; ``shots`` fresh points of
+        each, learned function after function in inner steps of ``batch_size`` points;
+        then ``queries`` other points of each function.
+
+        Returns:
+            ``x (n, slots + 1)``, ``y (n, 1)`` and ``step (n,)``: the inner step a
+            trajectory point belongs to (``0, 1, ...`` in order), ``-1`` for a query
+            point; ``n = functions * (shots + queries)``.
+        """
+        if not 1 <= functions <= min(self.slots, self.n_functions):
+            raise ValueError(
+                f"a sinusoid trajectory needs 1..{min(self.slots, self.n_functions)} functions "
+                f"(at most scenario.n_tasks = {self.slots} ids and scenario.meta_functions = "
+                f"{self.n_functions}), got algo.trajectory_classes={functions}"
+            )
+        if shots < 1 or queries < 1:
+            raise ValueError(
+                f"a sinusoid trajectory needs algo.trajectory_shots >= 1 and "
+                f"algo.query_shots >= 1, got {shots} and {queries}"
+            )
+        g = generator
+        picked = torch.randperm(self.n_functions, generator=g)[:functions]
+        x = _uniform(self.x_range, (functions, shots + queries), g)
+        y = self.amplitude[picked, None] * torch.sin(x - self.phase[picked, None])
+        per_function = math.ceil(shots / self.batch_size)
+        within = torch.arange(shots) // self.batch_size
+        step = torch.full((functions, shots + queries), -1, dtype=torch.long)
+        step[:, :shots] = within + per_function * torch.arange(functions)[:, None]
+        slots = torch.arange(functions).repeat_interleave(shots + queries)
+        return (
+            sine_inputs(slots, x.flatten(), self.slots),
+            y.reshape(-1, 1),
+            step.flatten(),
+        )
+
+
+def sinusoid_stream(
+    n_tasks: int = 10,
+    train_per_task: int = 1280,
+    test_per_task: int = 500,
+    meta_functions: int = 400,
+    amplitude: tuple[float, float] = (0.1, 5.0),
+    phase: tuple[float, float] = (0.0, math.pi),
+    x_range: tuple[float, float] = (-5.0, 5.0),
+    seed: int = 0,
+    epochs: int = 1,
+    batch_size: int = 32,
+) -> Scenario:
+    """Incremental sinusoid regression, after OML (Javed & White 2019, "Meta-Learning
+    Representations for Continual Learning", incremental sine waves): ``n_tasks`` functions
+    ``y = amplitude * sin(x - phase)`` learned one after another, each from a sequence of
+    ``train_per_task`` points shown once (``epochs=1``) in updates of ``batch_size``; after
+    each function, every function is scored by its mean squared error on
+    ``test_per_task`` other points. The input is the function's one-hot id (its position in
+    the stream, ``n_tasks`` wide) followed by ``x``, so the functions can be told apart and
+    the task is known (task-incremental, one shared output).
+
+    A meta-training set of ``meta_functions`` other functions of the same family serves
+    OML's meta-training phase (:class:`SineFunctions`).
+
+    Args:
+        n_tasks: functions in the stream (the paper: 10).
+        train_per_task: training points per function (the paper: 40 updates of 32).
+        test_per_task: points per function that score it.
+        meta_functions: functions in the meta-training set (the paper: 400); 0 for none.
+        amplitude, phase, x_range: ``[low, high]`` of the uniform draws (the paper:
+            amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5]).
+        seed: the stream's functions and points come from a generator seeded with
+            ``2 * seed``, the meta-training functions from one seeded with ``2 * seed + 1``.
+        epochs, batch_size: the training budget per function.
+    """
+    for name, value, least in (
+        ("n_tasks", n_tasks, 1),
+        ("train_per_task", train_per_task, 1),
+        ("test_per_task", test_per_task, 1),
+        ("meta_functions", meta_functions, 0),
+    ):
+        if value < least:
+            raise ScenarioError(f"scenario.{name} must be >= {least}, got {value}")
+    amplitude = _bounds("amplitude", amplitude)
+    phase = _bounds("phase", phase)
+    x_range = _bounds("x_range", x_range)
+    g = torch.Generator().manual_seed(2 * seed)
+    tasks, functions = [], []
+    for i in range(n_tasks):
+        a = _uniform(amplitude, (), g).item()
+        p = _uniform(phase, (), g).item()
+        xs = [_uniform(x_range, (n,), g) for n in (train_per_task, test_per_task)]
+        inputs = [sine_inputs(torch.full((len(x),), i), x, n_tasks) for x in xs]
+        targets = [(a * torch.sin(x - p)).unsqueeze(1) for x in xs]
+        functions.append({"amplitude": a, "phase": p})
+        tasks.append(
+            Task(
+                f"sine {i}: amplitude {a:.3f}, phase {p:.3f}",
+                torch.empty(0, dtype=torch.long),
+                inputs[0],
+                targets[0],
+                inputs[1],
+                targets[1],
+            )
+        )
+    meta_train = None
+    if meta_functions:
+        gm = torch.Generator().manual_seed(2 * seed + 1)
+        meta_train = SineFunctions(
+            _uniform(amplitude, (meta_functions,), gm),
+            _uniform(phase, (meta_functions,), gm),
+            x_range,
+            n_tasks,
+            batch_size,
+        )
+    return Scenario(
+        tasks,
+        0,
+        (n_tasks + 1,),
+        "task",
+        epochs,
+        batch_size,
+        meta_train=meta_train,
+        info={
+            "benchmark": "sinusoid_stream",
+            "seed": seed,
+            "functions": functions,
+            "amplitude": list(amplitude),
+            "phase": list(phase),
+            "x_range": list(x_range),
+            "input": f"one-hot function id ({n_tasks} wide), then x",
+            "meta_train_functions": meta_functions,
+        },
+        task=REGRESSION,
     )

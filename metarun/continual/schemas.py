@@ -52,6 +52,21 @@ class OmniglotContinualConfig:
 
 
 @dataclass
+class SinusoidStreamConfig:
+    _target_: str = "metarun.continual.scenarios.sinusoid_stream"
+    n_tasks: int = MISSING  # functions in the stream (and width of the one-hot id)
+    train_per_task: int = MISSING
+    test_per_task: int = MISSING
+    meta_functions: int = MISSING  # OML's meta-training set; 0 for none
+    amplitude: list[float] = MISSING  # [low, high]
+    phase: list[float] = MISSING  # [low, high], radians
+    x_range: list[float] = MISSING  # [low, high]
+    seed: int = MISSING
+    epochs: int = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class NaiveConfig:
     _target_: str = "metarun.continual.methods.Naive"
     _partial_: bool = True
@@ -110,6 +125,7 @@ SCENARIO_SCHEMAS: dict[str, type] = {
     "split_mnist": SplitMNISTConfig,
     "permuted_mnist": PermutedMNISTConfig,
     "omniglot_continual": OmniglotContinualConfig,
+    "sinusoid_stream": SinusoidStreamConfig,
 }
 ALGO_SCHEMAS: dict[str, type] = {
     "naive": NaiveConfig,

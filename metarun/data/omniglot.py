@@ -215,8 +215,6 @@ def _decode_source(name: str, path: Path, size: int) -> tuple[list[str], torch.T
 
 def _decode_files(files: dict, size: int) -> tuple[list[str], torch.Tensor]:
     """``files`` maps ``top/Alphabet/characterNN/xxxx_yy.png`` to a byte reader."""
-    from PIL import Image  # only needed while building the cache
-
     by_char: dict[str, list[str]] = {}
     for member in files:
         parts = member.split("/")
@@ -230,11 +228,19 @@ def _decode_files(files: dict, size: int) -> tuple[list[str], torch.Tensor]:
     out = torch.empty(len(chars), DRAWINGS, 1, size, size, dtype=torch.uint8)
     for i, char in enumerate(chars):
         for j, member in enumerate(sorted(by_char[char])):
-            img = Image.open(io.BytesIO(files[member]())).convert("L")
-            img = img.resize((size, size), Image.Resampling.LANCZOS)
-            pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-            out[i, j, 0] = 255 - pixels.view(size, size)
+            out[i, j] = decode_image(files[member](), size)
     return chars, out
+
+
+def decode_image(data: bytes, size: int) -> torch.Tensor:
+    """An Omniglot PNG (dark strokes on white) -> ``(1, size, size)`` uint8, resized
+    (Lanczos) and inverted so strokes are bright; also used for Lake's one-shot runs."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("L")
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return 255 - pixels.view(1, size, size)
 
 
 __all__ = ["Omniglot", "DataError"]
