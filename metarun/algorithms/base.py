@@ -92,4 +92,16 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 CLASSIFICATION = TaskKind("acc", True, F.cross_entropy, accuracy, outputs=None)
 """Few-shot classification: cross-entropy, accuracy, a ``ways``-way head."""
 REGRESSION = TaskKind("mse", False, mean_squared_error, mean_squared_error, outputs=1)
+
+
+def require_classification(task: TaskKind, how: str) -> None:
+    """Refuses a regression task for an algorithm that only classifies; ``how`` says why
+    (e.g. ``"ProtoNet classifies by distance to class prototypes"``)."""
+    if task is not CLASSIFICATION:
+        raise ValueError(
+            f"{how}, so it has no form for {task.metric} tasks; use a gradient-based "
+            "algorithm such as algo=maml."
+        )
+
+
 """Few-shot regression of one target (e.g. sinusoids): MSE loss and metric, one output."""

@@ -49,6 +49,7 @@ from metarun.algorithms.base import (
     accuracy,
     batch_norm_mode,
     buffer_copies,
+    require_classification,
 )
 from metarun.data.episodes import Episode
 
@@ -122,11 +123,7 @@ class LEO(nn.Module):
         bn_mode: BatchNormMode | str = BatchNormMode.running,
         task: TaskKind = CLASSIFICATION,
     ):
-        if task is not CLASSIFICATION:
-            raise ValueError(
-                "LEO decodes one classifier weight vector per class and has no form for "
-                f"{task.metric} tasks; use a gradient-based algorithm such as algo=maml."
-            )
+        require_classification(task, "LEO decodes one classifier weight vector per class")
         if latent_size < 1 or relation_layers < 1:
             raise ValueError(
                 f"algo.latent_size and algo.relation_layers must be >= 1, got "

@@ -57,6 +57,7 @@ from metarun.algorithms.base import (
     accuracy,
     batch_norm_mode,
     buffer_copies,
+    require_classification,
 )
 from metarun.data.episodes import Episode
 
@@ -174,11 +175,7 @@ class MANN(nn.Module):
         bn_mode: BatchNormMode | str = BatchNormMode.running,
         task: TaskKind = CLASSIFICATION,
     ):
-        if task is not CLASSIFICATION:
-            raise ValueError(
-                f"MANN predicts class labels and has no form for {task.metric} tasks; use a "
-                "gradient-based algorithm such as algo=maml."
-            )
+        require_classification(task, "MANN predicts class labels")
         if read_heads > memory_slots:
             raise ValueError(
                 f"algo.read_heads={read_heads} needs at least as many memory rows; raise "

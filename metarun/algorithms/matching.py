@@ -24,6 +24,7 @@ from metarun.algorithms.base import (
     accuracy,
     batch_norm_mode,
     buffer_copies,
+    require_classification,
 )
 from metarun.data.episodes import Episode
 
@@ -119,12 +120,9 @@ class MatchingNetworks(nn.Module):
         bn_mode: BatchNormMode | str = BatchNormMode.running,
         task: TaskKind = CLASSIFICATION,
     ):
-        if task is not CLASSIFICATION:
-            raise ValueError(
-                "Matching Networks label queries by attention over labelled support examples "
-                f"and have no form for {task.metric} tasks; use a gradient-based algorithm "
-                "such as algo=maml."
-            )
+        require_classification(
+            task, "Matching Networks label queries by attention over labelled support examples"
+        )
         super().__init__()
         self.backbone = backbone
         self.bn_mode = BatchNormMode(bn_mode)

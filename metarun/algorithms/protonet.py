@@ -19,6 +19,7 @@ from metarun.algorithms.base import (
     accuracy,
     batch_norm_mode,
     buffer_copies,
+    require_classification,
 )
 from metarun.data.episodes import Episode
 
@@ -50,11 +51,7 @@ class ProtoNet(nn.Module):
         bn_mode: BatchNormMode | str = BatchNormMode.running,
         task: TaskKind = CLASSIFICATION,
     ):
-        if task is not CLASSIFICATION:
-            raise ValueError(
-                "ProtoNet classifies by distance to class prototypes and has no form for "
-                f"{task.metric} tasks; use a gradient-based algorithm such as algo=maml."
-            )
+        require_classification(task, "ProtoNet classifies by distance to class prototypes")
         super().__init__()
         self.backbone = backbone
         self.bn_mode = BatchNormMode(bn_mode)

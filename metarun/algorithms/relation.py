@@ -28,6 +28,7 @@ from metarun.algorithms.base import (
     accuracy,
     batch_norm_mode,
     buffer_copies,
+    require_classification,
 )
 from metarun.data.episodes import Episode
 
@@ -119,12 +120,9 @@ class RelationNetworks(nn.Module):
         bn_mode: BatchNormMode | str = BatchNormMode.running,
         task: TaskKind = CLASSIFICATION,
     ):
-        if task is not CLASSIFICATION:
-            raise ValueError(
-                "Relation Networks score (query, class) pairs against one-hot labels and "
-                f"have no form for {task.metric} tasks; use a gradient-based algorithm such "
-                "as algo=maml."
-            )
+        require_classification(
+            task, "Relation Networks score (query, class) pairs against one-hot labels"
+        )
         super().__init__()
         self.backbone = backbone
         self.feature_shape = tuple(getattr(backbone, "out_shape", (backbone.out_features,)))

@@ -31,6 +31,7 @@ from metarun.algorithms.base import (
     accuracy,
     batch_norm_mode,
     buffer_copies,
+    require_classification,
 )
 from metarun.data.episodes import Episode
 
@@ -142,11 +143,7 @@ class SiameseNetworks(nn.Module):
         bn_mode: BatchNormMode | str = BatchNormMode.running,
         task: TaskKind = CLASSIFICATION,
     ):
-        if task is not CLASSIFICATION:
-            raise ValueError(
-                "Siamese Networks compare pairs of labelled images and have no form for "
-                f"{task.metric} tasks; use a gradient-based algorithm such as algo=maml."
-            )
+        require_classification(task, "Siamese Networks compare pairs of labelled images")
         super().__init__()
         self.backbone = backbone
         d = backbone.out_features

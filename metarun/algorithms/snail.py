@@ -38,6 +38,7 @@ from metarun.algorithms.base import (
     accuracy,
     batch_norm_mode,
     buffer_copies,
+    require_classification,
 )
 from metarun.data.episodes import Episode
 
@@ -127,11 +128,7 @@ class SNAIL(nn.Module):
         bn_mode: BatchNormMode | str = BatchNormMode.running,
         task: TaskKind = CLASSIFICATION,
     ):
-        if task is not CLASSIFICATION:
-            raise ValueError(
-                f"SNAIL predicts class labels and has no form for {task.metric} tasks; use a "
-                "gradient-based algorithm such as algo=maml."
-            )
+        require_classification(task, "SNAIL predicts class labels")
         if len(key_sizes) != len(value_sizes) or not key_sizes:
             raise ValueError(
                 f"algo.key_sizes {list(key_sizes)} and algo.value_sizes {list(value_sizes)} "
