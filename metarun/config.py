@@ -38,6 +38,12 @@ class BatchNormMode(str, Enum):
 class LrSchedule(str, Enum):
     step = "step"  # StepLR: times lr_decay_gamma every lr_decay_every iterations
     cosine = "cosine"  # CosineAnnealingLR from meta_lr down to min_lr over the run
+    linear = "linear"  # LinearLR from meta_lr down to min_lr over the run (Reptile's)
+
+
+class MetaOptimizer(str, Enum):
+    adam = "adam"
+    sgd = "sgd"  # plain SGD: with algo=reptile, exactly the paper's interpolation
 
 
 class AmpMode(str, Enum):
@@ -54,11 +60,13 @@ class TrainConfig:
     meta_batch_size: int = MISSING
     iterations: int = MISSING
     meta_lr: float = MISSING
-    lr_schedule: LrSchedule = MISSING  # step | cosine
+    optimizer: MetaOptimizer = MetaOptimizer.adam  # the meta-optimiser: adam | sgd
+    lr_schedule: LrSchedule = MISSING  # step | cosine | linear
     lr_decay_every: int = MISSING  # step: times lr_decay_gamma every N iterations; 0 = never
     lr_decay_gamma: float = MISSING
-    min_lr: float = MISSING  # cosine: the learning rate at the last iteration
+    min_lr: float = MISSING  # cosine, linear: the learning rate at the last iteration
     max_minutes: float | None = None  # end training after this many minutes of steps
+    grad_clip: float | None = None  # clip the meta-gradient's norm to this; null = never
 
 
 @dataclass

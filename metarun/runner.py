@@ -135,7 +135,7 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed)
     backbone = hardware.compile_backbone(instantiate(cfg.model)(input_shape=dataset.image_shape))
     algo = hardware.prepare(instantiate(cfg.algo)(backbone=backbone, task=task))
-    optimizer = torch.optim.Adam(algo.parameters(), lr=t.meta_lr)
+    optimizer = meta_optimizer(algo, t)
     scheduler = lr_scheduler(optimizer, t)
     state = TrainState()
     if resume_from is not None:
@@ -204,6 +204,7 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
                 task,
                 parallel,
                 t.max_minutes * 60 if t.max_minutes else None,
+                t.grad_clip,
             )
         if state.iteration < t.iterations and not state.budget_reached:  # stopped by a signal
             raise RunInterrupted(run_dir, state.iteration)
@@ -288,13 +289,15 @@ def train(
     task: TaskKind = CLASSIFICATION,
     parallel: DataParallel | None = None,
     max_seconds: float | None = None,
+    grad_clip: float | None = None,
 ) -> None:
     """The meta-training loop: meta-batch -> adaptation and query loss per task ->
     meta-update -> logging -> validation -> checkpoint. Updates ``state`` in place.
     ``task`` names the metric (``train/acc`` or ``train/mse``) and its direction; under
     ``torchrun``, ``parallel`` splits each meta-batch across the processes. With
     ``max_seconds``, training ends (as if at the last iteration) once that much time has
-    been spent in training steps; ``state.budget_reached`` records it."""
+    been spent in training steps; ``state.budget_reached`` records it. With ``grad_clip``,
+    the meta-gradient's norm is clipped to it before each update (and logged)."""
     parallel = parallel or DataParallel(hardware.device)
     algo.train()
     while state.iteration < iterations:
@@ -327,6 +330,11 @@ def train(
                 f"learning rate, or try hardware.amp=off."
             )
         lr = optimizer.param_groups[0]["lr"]  # the meta learning rate of this update
+        scalars = {}
+        if grad_clip:
+            hardware.scaler.unscale_(optimizer)  # clip the true gradient, not a scaled one
+            norm = torch.nn.utils.clip_grad_norm_(algo.parameters(), grad_clip)
+            scalars["train/grad_norm"] = norm.item()  # before clipping
         hardware.scaler.step(optimizer)
         hardware.scaler.update()
         if scheduler is not None:
@@ -338,7 +346,7 @@ def train(
         mean_acc = acc_sum.item() / meta_batch_size
         logger.log(
             state.iteration,
-            {"train/loss": mean_loss, f"train/{task.metric}": mean_acc, "train/lr": lr},
+            {"train/loss": mean_loss, f"train/{task.metric}": mean_acc, "train/lr": lr, **scalars},
         )
         logger.progress(state.iteration, mean_loss, mean_acc, meta_batch_size, task.metric)
         stopping = stop_votes.item() > 0  # Ctrl-C or SIGTERM: every rank stops here
@@ -392,13 +400,24 @@ def check_eval_budget(e: DictConfig) -> None:
         )
 
 
+def meta_optimizer(algo: torch.nn.Module, t: DictConfig) -> torch.optim.Optimizer:
+    """The meta-optimiser of ``train``: Adam, or plain SGD, at ``train.meta_lr``."""
+    if getattr(t.optimizer, "value", t.optimizer) == "sgd":
+        return torch.optim.SGD(algo.parameters(), lr=t.meta_lr)
+    return torch.optim.Adam(algo.parameters(), lr=t.meta_lr)
+
+
 def lr_scheduler(
     optimizer: torch.optim.Optimizer, t: DictConfig
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The meta-learning-rate schedule of ``train``: step decay, cosine annealing, or none."""
+    """The meta-learning-rate schedule of ``train``: step decay, cosine or linear annealing
+    to ``train.min_lr`` over ``train.iterations``, or none."""
     schedule = getattr(t.lr_schedule, "value", t.lr_schedule)
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, t.iterations, t.min_lr)
+    if schedule == "linear":
+        end = t.min_lr / t.meta_lr
+        return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, end, total_iters=t.iterations)
     if t.lr_decay_every:
         return torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_every, t.lr_decay_gamma)
     return None

@@ -18,6 +18,10 @@ Cases (Omniglot, Vinyals split, 28x28, conv4 with 64 channels, Adam 1e-3):
                0.4: seconds per meta-update (metarun ``algo.engine=loop``; learn2learn
                ``l2l.algorithms.MAML`` with ``clone()``/``adapt()``), episodes pre-sampled.
     maml2v     the same with metarun's ``algo.engine=vmap`` against the same learn2learn loop.
+    maml2p     the same with metarun's loop split over two single-threaded processes, as
+               ``torchrun --nproc_per_node=2`` runs it (gloo all-reduce of the
+               meta-gradient; peak memory is the two processes' sum), against the same
+               single-process learn2learn loop (CPU only).
     maml1      the same as maml2, first order.
     protonet   ProtoNet 60-way 1-shot 5-query, end to end (sampling + training step), s/step.
     eval       MAML test-time adaptation (3 steps) on N 5-way 1-shot 15-query episodes,
@@ -36,11 +40,12 @@ import sys
 import time
 from pathlib import Path
 
-CASES = ("sampling", "maml2", "maml2v", "maml1", "protonet", "eval")
+CASES = ("sampling", "maml2", "maml2v", "maml2p", "maml1", "protonet", "eval")
 UNITS = {
     "sampling": "episodes/s",
     "maml2": "s/step",
     "maml2v": "s/step",
+    "maml2p": "s/step",
     "maml1": "s/step",
     "protonet": "s/step",
     "eval": "s",
@@ -143,6 +148,7 @@ def worker(
 
     from metarun.algorithms import MAML, ProtoNet
     from metarun.data.episodes import Episode, EpisodeSampler
+    from metarun.distributed import DataParallel
     from metarun.evaluation import evaluate, fixed_episodes
     from metarun.hardware import Hardware
     from metarun.models import Conv4
@@ -168,7 +174,7 @@ def worker(
         n = 200
         seconds = _median_time(lambda: [sample() for _ in range(n)], repeats)
         value = n / seconds
-    elif case in ("maml2", "maml2v", "maml1"):
+    elif case in ("maml2", "maml2v", "maml2p", "maml1"):
         first_order = case == "maml1"
         sampler = EpisodeSampler(pool, 5, 1, 15, seed=0)
         episodes = [sampler.sample().to(dev) for _ in range(32)]
@@ -179,6 +185,8 @@ def worker(
             algo.to(dev)
             optimizer = torch.optim.Adam(algo.parameters(), 1e-3)
             batches = [Episode.stack(episodes)] if engine == "vmap" else episodes
+            parallel = DataParallel(dev)  # one process of one, except for maml2p
+            batches = parallel.share(batches)
 
             def step():
                 optimizer.zero_grad()
@@ -186,6 +194,7 @@ def worker(
                     with autocast():
                         loss, _ = algo.meta_loss(batch)
                     (loss * batch.tasks / 32).backward()
+                parallel.sum_gradients(algo)
                 optimizer.step()
         else:
             maml = l2l.algorithms.MAML(_conv4_head(5), lr=0.4, first_order=first_order).to(dev)
@@ -261,6 +270,14 @@ def worker(
     if dev.type == "cuda":  # the GPU's peak matters there, not the host's
         peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
         rss_after_setup = 0
+    if case == "maml2p" and impl == "metarun":  # both processes' memory, rank 0's time
+        peak_mb, rss_after_setup = parallel.sum(
+            torch.tensor(peak_mb), torch.tensor(rss_after_setup)
+        )
+        peak_mb, rss_after_setup = float(peak_mb), float(rss_after_setup)
+        if not parallel.is_main:
+            sys.exit(0)
+        parallel.close()
     return {
         "value": value,
         "peak_mb": peak_mb,
@@ -297,13 +314,20 @@ def main() -> None:
     for r in range(args.rounds):
         for case in args.cases:
             for impl in ("metarun", "l2l") if r % 2 == 0 else ("l2l", "metarun"):
-                command = [sys.executable, __file__, "--worker", case, impl]
+                launcher, env, threads = [sys.executable], None, args.threads
+                if case == "maml2p" and impl == "metarun":
+                    if args.device != "cpu":
+                        sys.exit("maml2p compares CPU processes: run it with --device cpu")
+                    launcher += ["-m", "torch.distributed.run", "--standalone"]
+                    launcher += ["--nproc_per_node=2"]
+                    env, threads = {**os.environ, "OMP_NUM_THREADS": "1"}, 1
+                command = [*launcher, __file__, "--worker", case, impl]
                 command += ["--repeats", str(args.repeats)]
                 command += ["--eval-episodes", str(args.eval_episodes)]
                 command += ["--device", args.device, "--amp", args.amp]
-                if args.threads:
-                    command += ["--threads", str(args.threads)]
-                out = subprocess.run(command, capture_output=True, text=True)
+                if threads:
+                    command += ["--threads", str(threads)]
+                out = subprocess.run(command, capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     sys.exit(f"{case}/{impl} failed:\n{out.stderr[-3000:]}")
                 result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -112,6 +112,18 @@ def test_maml_rejects_episodes_whose_ways_differ_from_its_head():
         algo.meta_loss(tiny_episode(ways=4))
 
 
+@pytest.mark.parametrize("algo", ["maml", "metasgd", "reptile", "lstm_meta"])
+def test_linear_head_algorithms_refuse_a_backbone_that_keeps_feature_maps(make_cfg, algo):
+    """A linear head needs flat features: the error names model.flatten instead of a shape
+    mismatch at the first forward pass."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg(f"algo={algo}", "model.flatten=false")
+    backbone = instantiate(cfg.model)(input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match="model.flatten=true"):
+        instantiate(cfg.algo)(backbone=backbone)
+
+
 def test_protonet_logits_match_a_hand_computation():
     # Identity embedding, 2 classes with 2 shots each, in 2-d.
     support = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [0.0, 2.0]])

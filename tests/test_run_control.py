@@ -12,12 +12,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metarun.runner import _StopFlag, lr_scheduler, run
+from metarun.runner import _StopFlag, lr_scheduler, meta_optimizer, run
 
 
 def _lrs(**train) -> list[float]:
     t = OmegaConf.create(
-        {"lr_schedule": "step", "lr_decay_every": 0, "lr_decay_gamma": 0.5, "min_lr": 0.0} | train
+        {"lr_schedule": "step", "lr_decay_every": 0, "lr_decay_gamma": 0.5, "min_lr": 0.0}
+        | {"meta_lr": 1e-3}
+        | train
     )
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
     scheduler = lr_scheduler(optimizer, t)
@@ -36,6 +38,27 @@ def test_cosine_schedule_follows_the_half_cosine_from_meta_lr_to_min_lr():
         expected = 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / 40)) / 2
         assert lr == pytest.approx(expected, rel=1e-6), k
     assert lrs[20] == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-6)  # halfway: the midpoint
+
+
+def test_linear_schedule_goes_in_a_straight_line_from_meta_lr_to_min_lr():
+    """Reptile's outer step size: linearly annealed to its final value over the run."""
+    lrs = _lrs(lr_schedule="linear", iterations=10, min_lr=0.0)
+    assert lrs == pytest.approx([1e-3 * (1 - k / 10) for k in range(10)], rel=1e-6)
+
+
+def test_sgd_meta_optimizer_steps_by_exactly_meta_lr_times_the_gradient():
+    t = OmegaConf.create({"optimizer": "sgd", "meta_lr": 0.5})
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = meta_optimizer(torch.nn.ParameterList([w]), t)
+    w.grad = torch.tensor([0.2, 0.4])
+    optimizer.step()
+    assert torch.equal(w.detach(), torch.tensor([0.9, -2.2]))
+    assert isinstance(
+        meta_optimizer(
+            torch.nn.Linear(1, 1), OmegaConf.create({"optimizer": "adam", "meta_lr": 1e-3})
+        ),
+        torch.optim.Adam,
+    )
 
 
 def test_step_schedule_multiplies_by_gamma_every_n_iterations_and_none_is_constant():
@@ -75,3 +98,26 @@ def test_stop_signals_request_a_checkpoint_and_slurms_usr2_reaches_the_old_handl
         assert signal.getsignal(sig) is not stop._handle  # the old handler is back
     finally:
         signal.signal(sig, previous)
+
+
+def test_grad_clip_bounds_the_meta_gradient_norm_at_every_update(
+    make_cfg, one_thread, tmp_path, monkeypatch
+):
+    """``train.grad_clip`` clips the whole meta-gradient's norm before the optimizer sees it
+    and logs the norm before clipping."""
+    seen = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        seen.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item())
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    cfg = make_cfg("algo=maml", "train.iterations=3", "train.grad_clip=0.01", one_thread)
+    run(cfg, tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    before = [row["train/grad_norm"] for row in logged if "train/grad_norm" in row]
+    assert len(seen) == len(before) == 3
+    assert all(norm > 0.01 for norm in before)  # an untrained MAML's gradient is larger
+    assert seen == pytest.approx([0.01] * 3, rel=1e-4)

@@ -94,6 +94,19 @@ CLASSIFICATION = TaskKind("acc", True, F.cross_entropy, accuracy, outputs=None)
 REGRESSION = TaskKind("mse", False, mean_squared_error, mean_squared_error, outputs=1)
 
 
+def linear_head(backbone: nn.Module, outputs: int) -> nn.Linear:
+    """The linear layer an algorithm puts on ``backbone``'s flat features; refuses a backbone
+    that keeps feature maps (``model.flatten=false``, which only Relation Networks use)."""
+    shape = tuple(getattr(backbone, "out_shape", (backbone.out_features,)))
+    if len(shape) != 1:
+        raise ValueError(
+            f"this algorithm puts a linear head on flat features, but the backbone keeps "
+            f"feature maps of shape {shape}: set model.flatten=true (feature maps are for "
+            f"algo=relation)."
+        )
+    return nn.Linear(shape[0], outputs)
+
+
 def require_classification(task: TaskKind, how: str) -> None:
     """Refuses a regression task for an algorithm that only classifies; ``how`` says why
     (e.g. ``"ProtoNet classifies by distance to class prototypes"``)."""

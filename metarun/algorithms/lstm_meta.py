@@ -21,9 +21,10 @@ on the support set, then the query loss back-propagated to the LSTM and the init
 
 As in the paper, ``b_F`` starts large (``f ~ 1``: keep the weights) and ``b_I`` small (a
 small learning rate), and batch norm in the learner uses batch statistics
-(``bn_mode: transductive``). Not reproduced: the paper's gradient clipping of the
-meta-learner (the runner has none) and its several support mini-batches per step (each
-step here uses the whole support set).
+(``bn_mode: transductive``). The meta-gradient's norm clipping at 0.25 of the authors'
+released code is the runner's ``train.grad_clip`` (set by
+``experiment=lstm_meta_omniglot_5w1s``). Not reproduced: the paper's several support
+mini-batches per step (each step here uses the whole support set).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from metarun.algorithms.base import (
     TaskKind,
     batch_norm_mode,
     buffer_copies,
+    linear_head,
 )
 from metarun.data.episodes import Episode
 
@@ -67,7 +68,7 @@ class MAML(nn.Module):
         engine: str = "loop",
     ):
         super().__init__()
-        head = nn.Linear(backbone.out_features, task.head_outputs(ways))
+        head = linear_head(backbone, task.head_outputs(ways))
         self.model = nn.Sequential(backbone, head)
         self.ways = ways
         self.fast_lr = fast_lr

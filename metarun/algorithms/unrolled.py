@@ -22,6 +22,7 @@ from metarun.algorithms.base import (
     TaskKind,
     batch_norm_mode,
     buffer_copies,
+    linear_head,
 )
 from metarun.data.episodes import Episode
 
@@ -109,7 +110,7 @@ class UnrolledLearner(nn.Module):
             raise ValueError(f"algo.adaptation_steps must be >= 1, got {adaptation_steps}")
         if truncation < 0:
             raise ValueError(f"algo.truncation must be >= 0 (0: no truncation), got {truncation}")
-        head = nn.Linear(backbone.out_features, task.head_outputs(ways))
+        head = linear_head(backbone, task.head_outputs(ways))
         self.model = nn.Sequential(backbone, head)
         self.ways = ways
         self.adaptation_steps = adaptation_steps
