@@ -144,18 +144,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if len(r) > 1]
 
 
-def interrupt_after(monkeypatch, cls: type, calls: int) -> None:
-    """Sends this process a real SIGINT during the ``calls``-th training update."""
-    original = cls.observe
+def interrupt_after(monkeypatch, cls: type, calls: int, method: str = "observe") -> None:
+    """Sends this process a real SIGINT during the ``calls``-th call of ``cls.method`` (by
+    default ``observe``: a training update)."""
+    original = getattr(cls, method)
     seen = {"n": 0}
 
-    def observe(self, *args):
+    def counted(self, *args):
         seen["n"] += 1
         if seen["n"] == calls:
             signal.raise_signal(signal.SIGINT)
         return original(self, *args)
 
-    monkeypatch.setattr(cls, "observe", observe)
+    monkeypatch.setattr(cls, method, counted)
 
 
 @pytest.mark.parametrize(

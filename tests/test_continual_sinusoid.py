@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -232,20 +231,6 @@ def test_oml_without_meta_training_functions_is_refused(make_cfg, tmp_path):
         run(cfg, tmp_path)
 
 
-def interrupt_meta_training_after(monkeypatch, calls: int) -> None:
-    """Sends this process a real SIGINT while the ``calls``-th trajectory is drawn."""
-    original = SineFunctions.trajectory
-    seen = {"n": 0}
-
-    def trajectory(self, *args):
-        seen["n"] += 1
-        if seen["n"] == calls:
-            signal.raise_signal(signal.SIGINT)
-        return original(self, *args)
-
-    monkeypatch.setattr(SineFunctions, "trajectory", trajectory)
-
-
 @pytest.mark.parametrize(
     "algo, stop_at, where",
     [
@@ -262,7 +247,7 @@ def test_sinusoid_stream_resumed_mid_way_ends_like_an_uninterrupted_one(
     whole = run(cfg, tmp_path / "whole")
     with monkeypatch.context() as patch:
         if algo == "oml":
-            interrupt_meta_training_after(patch, stop_at)
+            interrupt_after(patch, SineFunctions, stop_at, "trajectory")
         else:
             interrupt_after(patch, methods.ExperienceReplay, stop_at)
         with pytest.raises(RunInterrupted):

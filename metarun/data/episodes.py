@@ -144,13 +144,12 @@ class EpisodeSampler:
             )
         self.pool = pool
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
-        self.eligible = torch.nonzero(eligible).flatten()
         self.generator = torch.Generator().manual_seed(seed)
         # Only the random draws use torch (its generator's state is what checkpoints save);
         # the indexing around them is done in numpy, whose calls cost about a microsecond
         # where a torch op costs ten, and which does not wake torch's thread pool (about
         # 1 ms when the cores are busy with training). This halves the time per episode.
-        self._eligible = self.eligible.numpy()
+        self._eligible = torch.nonzero(eligible).flatten().numpy()  # classes with enough images
         self._class_items = pool.class_items.numpy()
         self._padded = bool((pool.class_items < 0).any())
         self._images = pool.images.numpy() if pool.images.device.type == "cpu" else None
