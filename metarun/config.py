@@ -285,7 +285,7 @@ class MiniImageNetConfig:
 @dataclass
 class Learn2LearnDatasetConfig:
     _target_: str = "metarun.learn2learn_adapter.Learn2LearnDataset"
-    name: str = MISSING  # tiered_imagenet | cifar_fs | fc100 | cub200
+    name: str = MISSING  # a key of learn2learn_adapter.SPECS: tiered_imagenet, cub200, dtd, ...
     root: str | None = MISSING
     cache_dir: str | None = MISSING
     image_size: int = MISSING

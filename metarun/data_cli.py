@@ -215,6 +215,20 @@ def verify_mnist(folder: Path) -> list[Finding]:
     return findings
 
 
+# The keys of metarun.learn2learn_adapter.SPECS, named here so that `--help` imports no torch
+# (a test keeps the two equal).
+L2L_DATASETS = (
+    "tiered_imagenet",
+    "cifar_fs",
+    "fc100",
+    "cub200",
+    "fgvc_aircraft",
+    "fgvc_fungi",
+    "vgg_flowers",
+    "dtd",
+)
+
+
 def _verify_learn2learn(name: str) -> Callable[[Path], list[Finding]]:
     def verify(folder: Path) -> list[Finding]:
         from metarun.learn2learn_adapter import expected_files_text, missing_files
@@ -237,7 +251,7 @@ VERIFIERS: dict[str, Callable[[Path], list[Finding]]] = {
     "omniglot": verify_omniglot,
     "miniimagenet": verify_miniimagenet,
     "mnist": verify_mnist,
-    **{n: _verify_learn2learn(n) for n in ("tiered_imagenet", "cifar_fs", "fc100", "cub200")},
+    **{n: _verify_learn2learn(n) for n in L2L_DATASETS},
 }
 
 

@@ -5,15 +5,21 @@ learn2learn is optional (``pip install "metarun[l2l]"``; on Python >= 3.11 use
 ``bash scripts/install_learn2learn.sh``) and imported only when a dataset here is built
 or ``algo.engine=l2l`` runs learn2learn's MAML / Meta-SGD (:func:`l2l_meta_loss`).
 Its vision dataset classes read (and, when online, download) tieredImageNet, CIFAR-FS,
-FC100 and CUB-200-2011; :class:`Learn2LearnDataset` turns each split into metarun's
+FC100, CUB-200-2011, FGVC Aircraft, FGVC Fungi, VGG Flowers 102 and the Describable
+Textures; :class:`Learn2LearnDataset` turns each split into metarun's
 :class:`~metarun.data.episodes.ClassPool`, cached as uint8 tensors like the other
 datasets, so the same episode sampler serves every benchmark.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import logging
-from dataclasses import dataclass
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,12 +49,71 @@ class Spec:
             make the dataset readable offline; the first is what a download produces.
         classes: standard number of train / val / test classes.
         image_size: the usual side length in few-shot papers.
+        split_lists: for classes that hard-code each split's class list (the module's
+            ``SPLITS`` table) and return the position in it as the label: the keys of the
+            train, val and test lists. The entries (variant, species, texture names)
+            then name the classes instead of the label numbers, so the pool does not
+            depend on the order of learn2learn's lists.
+        options: further keyword arguments of the learn2learn class.
+        prepare: run on the dataset folder before learn2learn reads it.
+        order_by_content: the learn2learn class lists folders with ``os.listdir``,
+            whose order depends on the file system; order each class's images by a hash
+            of their pixels, so the pool (and so every seeded episode) is the same on
+            every machine.
     """
 
     l2l_class: str
     layouts: tuple[tuple[str, ...], ...]
     classes: tuple[int, int, int]
     image_size: int
+    split_lists: tuple[str, str, str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[Path], None] | None = None
+    order_by_content: bool = False
+
+
+AIRCRAFT_DATA = "fgvc_aircraft/fgvc-aircraft-2013b/data"
+AIRCRAFT_VARIANT_FILES = tuple(
+    f"{AIRCRAFT_DATA}/images_variant_{s}.txt" for s in ("train", "val", "test")
+)
+
+
+def write_aircraft_labels(folder: Path) -> None:
+    """Writes ``labels.pkl`` into an FGVC Aircraft archive extracted by hand.
+
+    learn2learn's ``FGVCAircraft`` reads the image-to-variant list from ``labels.pkl``
+    (a pickled list of ``(image id, variant)`` pairs), which only its own download writes;
+    without it, it downloads the 2.75 GB archive again. This builds that list from the
+    archive's ``images_variant_{train,val,test}.txt`` (lines ``<image id> <variant>``), so
+    the official archive, extracted, is readable offline. Does nothing when ``labels.pkl``
+    exists or a variant file is missing.
+    """
+    target = folder / AIRCRAFT_DATA / "labels.pkl"
+    sources = [folder / rel for rel in AIRCRAFT_VARIANT_FILES]
+    if target.exists() or not all(p.exists() for p in sources):
+        return
+    pairs = []
+    for path in sources:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                image, variant = line.strip().split(" ", 1)
+                pairs.append((image, variant.strip()))
+    log.info("writing %s from the archive's variant lists (%d images)", target, len(pairs))
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(pickle.dumps(pairs, protocol=4))
+    os.replace(partial, target)
+
+
+def drop_fungi_bookkeeping(folder: Path) -> None:
+    """Deletes learn2learn's ``fgvc-fungi-<mode>-bookkeeping.pkl`` files.
+
+    learn2learn's ``FGVCFungi`` saves each split's image list there, with absolute paths,
+    and reuses it even after ``train.json`` changes or the folder moves. metarun reads
+    through learn2learn only when its own cache is missing or stale, so it lets
+    learn2learn rebuild the list from the annotations then (a few seconds).
+    """
+    for stale in folder.glob("fgvc-fungi-*-bookkeeping.pkl"):
+        stale.unlink()
 
 
 SPECS: dict[str, Spec] = {
@@ -84,6 +149,41 @@ SPECS: dict[str, Spec] = {
         (("cubirds200/CUB_200_2011/images",),),
         (140, 30, 30),
         84,
+    ),
+    "fgvc_aircraft": Spec(
+        "FGVCAircraft",
+        (
+            tuple(f"{AIRCRAFT_DATA}/{p}" for p in ("images", "images_box.txt", "labels.pkl")),
+            (f"{AIRCRAFT_DATA}/images", f"{AIRCRAFT_DATA}/images_box.txt", *AIRCRAFT_VARIANT_FILES),
+        ),
+        (70, 15, 15),
+        84,
+        split_lists=("train", "valid", "test"),
+        options={"bounding_box_crop": True},
+        prepare=write_aircraft_labels,
+    ),
+    "fgvc_fungi": Spec(
+        "FGVCFungi",
+        (("fgvc_fungi/images", "fgvc_fungi/train.json", "fgvc_fungi/val.json"),),
+        (994, 200, 200),
+        84,
+        split_lists=("train", "validation", "test"),
+        prepare=drop_fungi_bookkeeping,
+    ),
+    "vgg_flowers": Spec(
+        "VGGFlower102",
+        (("vgg_flower102/jpg", "vgg_flower102/imagelabels.mat"),),
+        (71, 15, 16),
+        84,
+        split_lists=("train", "validation", "test"),
+    ),
+    "dtd": Spec(
+        "DescribableTextures",
+        (("describable_textures/dtd/images",),),
+        (33, 7, 7),
+        84,
+        split_lists=("train", "validation", "test"),
+        order_by_content=True,
     ),
 }
 
@@ -125,9 +225,10 @@ class Learn2LearnDataset:
     """A learn2learn vision dataset as three class pools (``train``, ``val``, ``test``).
 
     Args:
-        name: ``tiered_imagenet``, ``cifar_fs``, ``fc100`` or ``cub200`` (standard splits:
-            Ren et al. 2018; Bertinetto et al. 2019; Oreshkin et al. 2018; Triantafillou
-            et al. 2020).
+        name: a key of :data:`SPECS`: ``tiered_imagenet``, ``cifar_fs``, ``fc100``,
+            ``cub200``, ``fgvc_aircraft``, ``fgvc_fungi``, ``vgg_flowers`` or ``dtd``
+            (standard splits: Ren et al. 2018; Bertinetto et al. 2019; Oreshkin et al.
+            2018; the last five Triantafillou et al. 2020, Meta-Dataset).
         root: data folder; the dataset lives in ``<root>/<name>/`` in learn2learn's
             layout (see ``docs/DATASETS.md``). ``None`` means the user data folder.
         cache_dir: writable folder for the tensor caches; ``None`` means the user cache.
@@ -190,37 +291,58 @@ class Learn2LearnDataset:
     def _read(self, split: str) -> ClassPool:
         """Reads one split through learn2learn's dataset class (downloading if allowed)."""
         l2l = import_learn2learn()
-        cls = getattr(l2l.vision.datasets, SPECS[self.name].l2l_class)
+        spec = SPECS[self.name]
+        cls = getattr(l2l.vision.datasets, spec.l2l_class)
         offline_missing = missing_files(self.name, self.folder)
+        expected = f"Expected {expected_files_text(self.name, self.folder)}."
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            dataset = cls(root=str(self.folder), mode=L2L_MODES[split], download=self.download)
+            if spec.prepare is not None:
+                spec.prepare(self.folder)
+            dataset = cls(
+                root=str(self.folder),
+                mode=L2L_MODES[split],
+                download=self.download,
+                **spec.options,
+            )
         except Exception as err:  # learn2learn raises whatever requests or pickle raise
             reason = "download failed (offline?)" if offline_missing else "reading failed"
             raise DataError(
-                f"{self.name} {split}: {reason}: {type(err).__name__}: {err}. Expected "
-                f"{expected_files_text(self.name, self.folder)}."
+                f"{self.name} {split}: {reason}: {type(err).__name__}: {err}. {expected}"
             ) from err
+        names = None
+        if spec.split_lists is not None:
+            names = _split_classes(cls, spec.split_lists[list(L2L_MODES).index(split)])
         images, labels = [], []
-        for i in range(len(dataset)):
-            image, label = dataset[i]
-            images.append(imagepool.to_rgb_tensor(image, self.image_size))
-            labels.append(_class_name(dataset, label))
+        try:
+            for i in range(len(dataset)):
+                image, label = dataset[i]
+                images.append(imagepool.to_rgb_tensor(image, self.image_size))
+                labels.append(names[int(label)] if names else _class_name(dataset, label))
+        except Exception as err:  # a missing or damaged image file, a stale file list
+            raise DataError(
+                f"{self.name} {split}: reading image {len(images)} failed: "
+                f"{type(err).__name__}: {err}. {expected}"
+            ) from err
         if not images:
             raise DataError(f"{self.name} {split} holds no images in {self.folder}.")
+        if spec.order_by_content:
+            digests = [hashlib.sha1(image.numpy().tobytes()).digest() for image in images]
+            order = sorted(range(len(images)), key=digests.__getitem__)
+            images, labels = [images[i] for i in order], [labels[i] for i in order]
         return imagepool.group_by_class(torch.stack(images), labels)
 
     def _fingerprint(self) -> list[int]:
         """Sizes and mtimes of every file of the dataset (not their contents)."""
-        files = []
+        files: set[Path] = set()
         for layout in SPECS[self.name].layouts:
             for rel in layout:
                 path = self.folder / rel
                 if path.is_dir():
-                    files += sorted(p for p in path.rglob("*") if p.is_file())
+                    files.update(p for p in path.rglob("*") if p.is_file())
                 elif path.exists():
-                    files.append(path)
-        return imagepool.stat_fingerprint(files)
+                    files.add(path)
+        return imagepool.stat_fingerprint(sorted(files))
 
 
 def _class_name(dataset: Any, label: Any) -> str:
@@ -228,6 +350,13 @@ def _class_name(dataset: Any, label: Any) -> str:
     classes = getattr(dataset, "classes", None)
     label = int(label)
     return str(classes[label]) if classes else f"{label:05d}"
+
+
+def _split_classes(cls: type, key: str) -> list[str]:
+    """The class list learn2learn's module hard-codes for one split (``SPLITS[key]``), as
+    names; flower categories (numbers 1-102) become ``"001"`` ... ``"102"``."""
+    table = importlib.import_module(cls.__module__).SPLITS
+    return [f"{c:03d}" if isinstance(c, int) else str(c) for c in table[key]]
 
 
 def download_miniimagenet_pickles(folder: Path) -> None:

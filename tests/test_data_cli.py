@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.test_miniimagenet import _make_raw
 
 METARUN_DATA_CMD = (
@@ -116,6 +118,42 @@ def test_prepare_offline_without_files_names_folder_and_files(capsys, tmp_path):
     )
     assert code == 1
     assert f"{data / 'fc100'} with FC100_train.pickle" in err
+
+
+def test_every_learn2learn_dataset_is_verifiable():
+    from metarun.data_cli import L2L_DATASETS, VERIFIERS, dataset_names
+    from metarun.learn2learn_adapter import SPECS
+
+    assert L2L_DATASETS == tuple(SPECS)
+    assert set(SPECS) <= set(VERIFIERS) and set(SPECS) <= set(dataset_names())
+
+
+def test_list_verify_and_prepare_a_small_vgg_flowers(capsys, tmp_path):
+    pytest.importorskip("learn2learn")
+    from tests.test_learn2learn_adapter import make_vgg_flowers
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    (data / "vgg_flowers").mkdir(parents=True)
+    code, out, _ = run_main(capsys, "verify", "vgg_flowers", data=data, cache=cache)
+    assert code == 1 and "missing vgg_flower102/jpg, vgg_flower102/imagelabels.mat" in out
+    shutil.rmtree(data / "vgg_flowers")
+    make_vgg_flowers(data)
+    code, out, _ = run_main(capsys, "verify", "vgg_flowers", data=data, cache=cache)
+    assert code == 0, out
+    code, out, err = run_main(
+        capsys,
+        "prepare",
+        "vgg_flowers",
+        "dataset.download=false",
+        "dataset.image_size=16",
+        data=data,
+        cache=cache,
+    )
+    assert code == 0, err
+    assert re.search(r"train +2 classes +4 images", out) and "images (3, 16, 16)" in out
+    code, out, _ = run_main(capsys, "list", data=data, cache=cache)
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["vgg_flowers"][1] == "present" and rows["dtd"][1] == "absent"
 
 
 def test_unknown_dataset_is_a_usage_error(tmp_path):
