@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,6 +49,12 @@ class Hardware:
                 "or hardware=auto."
             )
         self.amp = amp
+        if self.device.type == "cpu" and amp == "bf16" and not cpu_has_bf16():
+            log.warning(
+                "hardware.amp=bf16 on a CPU without bf16 instructions (avx512_bf16 or AMX): "
+                "bf16 is emulated there and several times slower than fp32 "
+                "(docs/RESULTS.md); hardware.amp=off is faster on this machine."
+            )
         if num_threads:
             torch.set_num_threads(num_threads)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
@@ -89,3 +98,11 @@ class Hardware:
             "channels_last": self.memory_format == torch.channels_last,
             "compile": self.compile_backend if self.compile else False,
         }
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX), so that
+    ``hardware.amp=bf16`` speeds a CPU run up instead of slowing it down."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)

@@ -8,7 +8,10 @@ Every measurement runs in a fresh process (so its peak memory is its own) and th
 libraries alternate, A/B/A/B, for ``--rounds`` rounds; the table gives medians over the
 rounds and the ratio learn2learn / metarun (> 1: metarun is faster or smaller).
 ``--device cuda`` runs both on the GPU (episodes sampled on the CPU, as each library does,
-then moved); ``--amp bf16|fp16`` autocasts both libraries' forward passes alike.
+then moved); ``--amp bf16`` autocasts both libraries' forward passes alike.
+``--metarun-amp bf16`` and ``--channels-last`` change metarun's side only (its
+``hardware.amp`` and ``hardware.channels_last`` options), to time metarun as it is best run
+on a machine against learn2learn as its examples run (fp32, default memory format).
 
 Cases (Omniglot, Vinyals split, 28x28, conv4 with 64 channels, Adam 1e-3):
     sampling   5-way 1-shot 15-query training episodes: metarun's ``EpisodeSampler`` vs
@@ -142,6 +145,8 @@ def worker(
     eval_episodes: int,
     device: str = "cpu",
     amp: str = "off",
+    metarun_amp: str | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
@@ -155,8 +160,10 @@ def worker(
 
     pool = _setup()
     dev = torch.device(device)
-    hardware = Hardware(device, amp=amp)
-    autocast = hardware.autocast  # the same autocast context around both libraries' steps
+    l2l_autocast = Hardware(device, amp=amp).autocast  # learn2learn's precision
+    hardware = Hardware(device, amp=metarun_amp or amp, channels_last=channels_last)
+    autocast = hardware.autocast if impl == "metarun" else l2l_autocast
+    fmt = hardware.memory_format if impl == "metarun" else torch.contiguous_format
     rss_after_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if impl == "l2l":
         import learn2learn as l2l
@@ -177,12 +184,12 @@ def worker(
     elif case in ("maml2", "maml2v", "maml2p", "maml1"):
         first_order = case == "maml1"
         sampler = EpisodeSampler(pool, 5, 1, 15, seed=0)
-        episodes = [sampler.sample().to(dev) for _ in range(32)]
+        episodes = [sampler.sample().to(dev, fmt) for _ in range(32)]
         if impl == "metarun":
             engine = "vmap" if case == "maml2v" else "loop"
             algo = MAML(Conv4(input_shape=(1, 28, 28)), 5, 0.4, 1, 3, first_order, engine=engine)
             algo.model.load_state_dict(_conv4_head(5).state_dict())
-            algo.to(dev)
+            algo = hardware.prepare(algo)
             optimizer = torch.optim.Adam(algo.parameters(), 1e-3)
             batches = [Episode.stack(episodes)] if engine == "vmap" else episodes
             parallel = DataParallel(dev)  # one process of one, except for maml2p
@@ -214,13 +221,13 @@ def worker(
     elif case == "protonet":
         if impl == "metarun":
             sampler = EpisodeSampler(pool, 60, 1, 5, seed=0)
-            algo = ProtoNet(Conv4(input_shape=(1, 28, 28))).to(dev)
+            algo = hardware.prepare(ProtoNet(Conv4(input_shape=(1, 28, 28))))
             optimizer = torch.optim.Adam(algo.parameters(), 1e-3)
 
             def step():
                 optimizer.zero_grad()
                 with autocast():
-                    loss, _ = algo.meta_loss(sampler.sample().to(dev))
+                    loss, _ = algo.meta_loss(sampler.sample().to(dev, fmt))
                 loss.backward()
                 optimizer.step()
         else:
@@ -245,7 +252,7 @@ def worker(
         if impl == "metarun":
             algo = MAML(Conv4(input_shape=(1, 28, 28)), 5, 0.4, 1, 3)
             algo.model.load_state_dict(_conv4_head(5).state_dict())
-            algo.to(dev)
+            algo = hardware.prepare(algo)
 
             def run_eval():
                 evaluate(algo, fixed_episodes(pool, 5, 1, 15, 0), eval_episodes, hardware)
@@ -294,6 +301,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", default="off", choices=["off", "bf16"], help="autocast dtype")
+    parser.add_argument(
+        "--metarun-amp", default=None, choices=["off", "bf16"], help="metarun's alone"
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="metarun's hardware.channels_last"
+    )
     parser.add_argument("--out", type=Path, default=None, help="Markdown file to write")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -302,7 +315,15 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.worker:
-        result = worker(*args.worker, args.repeats, args.eval_episodes, args.device, args.amp)
+        result = worker(
+            *args.worker,
+            args.repeats,
+            args.eval_episodes,
+            args.device,
+            args.amp,
+            args.metarun_amp,
+            args.channels_last,
+        )
         print(json.dumps(result))
         return
     try:
@@ -325,6 +346,10 @@ def main() -> None:
                 command += ["--repeats", str(args.repeats)]
                 command += ["--eval-episodes", str(args.eval_episodes)]
                 command += ["--device", args.device, "--amp", args.amp]
+                if args.metarun_amp:
+                    command += ["--metarun-amp", args.metarun_amp]
+                if args.channels_last:
+                    command.append("--channels-last")
                 if threads:
                     command += ["--threads", str(threads)]
                 out = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -346,10 +371,14 @@ def table(results: dict, args: argparse.Namespace) -> str:
     cuda = args.device.startswith("cuda")
     gpu = f", {torch.cuda.get_device_name()}" if cuda else ""
     memory = "GPU memory" if cuda else "RSS"
+    ours = (f" --metarun-amp {args.metarun_amp}" if args.metarun_amp else "") + (
+        " --channels-last" if args.channels_last else ""
+    )
     lines = [
-        f"Measured by `python scripts/benchmark_l2l.py --rounds {args.rounds} --repeats "
-        f"{args.repeats} --eval-episodes {args.eval_episodes} --device {args.device} --amp "
-        f"{args.amp}` (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"Measured by `python scripts/benchmark_l2l.py --cases {' '.join(args.cases)} --rounds "
+        f"{args.rounds} --repeats {args.repeats} --eval-episodes {args.eval_episodes} --device "
+        f"{args.device} --amp {args.amp}{ours}` (torch {torch.__version__}, "
+        f"{args.threads or torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}{gpu}).",
         "",
         f"| case | unit | metarun | learn2learn | ratio | peak {memory} metarun / l2l (MB) |",

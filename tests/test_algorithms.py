@@ -151,6 +151,25 @@ def test_protonet_meta_loss_is_cross_entropy_over_negative_distances():
     assert acc == ((-d).argmax(1) == ep.query_y).double().mean()
 
 
+def test_protonet_distances_stay_fp32_under_bf16_autocast():
+    """Under autocast the backbone's embeddings are bf16; the distances (and so the loss and
+    the logits) are computed in fp32 from them, as a hand computation in fp32 does."""
+    torch.manual_seed(0)
+    backbone = Conv4((1, 28, 28), hidden=8)
+    algo = ProtoNet(backbone)
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(3).repeat(2)
+    ep = Episode(x[:3], y[:3], x[3:], y[3:], torch.arange(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = algo.meta_loss(ep)
+        z = backbone(x)
+        assert z.dtype == torch.bfloat16  # what the distances must not be computed in
+        logits = algo.adapt(ep.support_x, ep.support_y)(ep.query_x)
+    assert loss.dtype == torch.float32 and logits.dtype == torch.float32
+    z = z.float()
+    expected = F.cross_entropy(squared_euclidean_logits(z[3:], prototypes(z[:3], y[:3], 3)), y[3:])
+    torch.testing.assert_close(loss, expected)
+
+
 def test_protonet_running_mode_classifies_each_query_independently():
     torch.manual_seed(0)
     algo = ProtoNet(Conv4((1, 28, 28), hidden=4), bn_mode="running")

@@ -166,3 +166,16 @@ def test_cuda_run_end_to_end(make_cfg, tmp_path, overrides):
     assert results["training"]["hardware"]["device"].startswith("cuda")
     assert 0.0 <= summary["test/acc"] <= 1.0
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, caplog, native):
+    """bf16 autocast is emulated, and several times slower than fp32, on a CPU without
+    AVX-512 BF16 or AMX: asking for it there is allowed but says so."""
+    monkeypatch.setattr("metarun.hardware.cpu_has_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="metarun.hardware"):
+        Hardware("cpu", amp="bf16")
+        Hardware("cpu", amp="off")
+    warned = [r for r in caplog.records if "without bf16 instructions" in r.message]
+    assert len(warned) == (0 if native else 1)
+    assert "hardware.amp=off" in warned[0].message if warned else True

@@ -36,6 +36,13 @@ def squared_euclidean_logits(queries: torch.Tensor, protos: torch.Tensor) -> tor
     return -((queries[:, None, :] - protos[None, :, :]) ** 2).sum(dim=-1)
 
 
+def at_least_fp32(z: torch.Tensor) -> torch.Tensor:
+    """``z`` in fp32 if autocast made it bf16 or fp16 (fp64 stays): distances in bf16, whose
+    mantissa has 8 bits, blur the small differences between large squared distances that
+    decide the logits."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 class ProtoNet(nn.Module):
     """Prototypical Networks on ``backbone`` (no head; any number of ways).
 
@@ -58,7 +65,7 @@ class ProtoNet(nn.Module):
 
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         n_support = episode.support_x.shape[0]
-        z = self.backbone(torch.cat([episode.support_x, episode.query_x]))
+        z = at_least_fp32(self.backbone(torch.cat([episode.support_x, episode.query_x])))
         protos = prototypes(z[:n_support], episode.support_y, episode.ways)
         logits = squared_euclidean_logits(z[n_support:], protos)
         return F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
@@ -68,7 +75,7 @@ class ProtoNet(nn.Module):
 
         def embed(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), batch_norm_mode(self.backbone, self.bn_mode):
-                return functional_call(self.backbone, buffers, (x,))
+                return at_least_fp32(functional_call(self.backbone, buffers, (x,)))
 
         protos = prototypes(embed(support_x), support_y, int(support_y.max()) + 1)
         return lambda query_x: squared_euclidean_logits(embed(query_x), protos)
