@@ -91,3 +91,32 @@ def load(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RuntimeError(f"checkpoint {path} is unreadable ({err}); it may be truncated") from err
+
+
+def load_backbone(backbone: torch.nn.Module, path: Path) -> None:
+    """Loads into ``backbone`` the backbone weights of a metarun checkpoint (any
+    algorithm's: ProtoNet keeps them under ``backbone.``, MAML under ``model.0.``)."""
+    state = load(path.expanduser())["algo"]
+    wanted = backbone.state_dict()
+    first = next(iter(wanted))
+    prefixes = [key[: -len(first)] for key in state if key.endswith(first)]
+    prefixes = [p for p in prefixes if all(p + k in state for k in wanted)]
+    if len(prefixes) != 1:
+        raise ValueError(
+            f"cannot find the backbone in {path}: "
+            + (
+                f"{len(prefixes)} candidate prefixes ({prefixes})."
+                if prefixes
+                else f"no key ends with {first!r}, so it was written with another model=."
+            )
+            + " algo.encoder_checkpoint needs a checkpoint of a run with the same model= "
+            "(and model settings) as this one."
+        )
+    prefix = prefixes[0]
+    try:
+        backbone.load_state_dict({k: state[prefix + k] for k in wanted})
+    except RuntimeError as err:
+        raise ValueError(
+            f"the backbone in {path} does not fit this run's model ({err}). Use the same "
+            f"model= and model settings (e.g. model.hidden) as the run that wrote it."
+        ) from err

@@ -223,6 +223,7 @@ class MANNConfig:
     usage_decay: float = MISSING
     report_instances: list[int] = MISSING  # accuracy by instance number (1st, 2nd, ...)
     order_seed: int = MISSING  # presentation order in evaluation
+    encoder_checkpoint: str | None = MISSING  # a run's best.pt: frozen backbone; null: joint
     bn_mode: BatchNormMode = MISSING
 
 

@@ -424,9 +424,10 @@ def lr_scheduler(
 
 
 def task_batches(algo: torch.nn.Module, episodes: list[Episode]) -> list[Episode]:
-    """The episodes one at a time, or stacked into one batch for an algorithm whose engine
-    vectorises over tasks (``algo.engine=vmap``)."""
-    if getattr(algo, "engine", "loop") == "vmap" and episodes:
+    """The episodes one at a time, or stacked into one batch (:meth:`Episode.stack`) for an
+    algorithm that computes a whole meta-batch at once (``algo.stacks_tasks``: MAML's
+    ``algo.engine=vmap``, MANN's batched sequences)."""
+    if getattr(algo, "stacks_tasks", False) and episodes:
         return [Episode.stack(episodes)]
     return episodes
 

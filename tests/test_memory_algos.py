@@ -88,6 +88,42 @@ def test_a_steps_label_influences_only_the_later_steps():
     assert not torch.allclose(a[4], b[4])
 
 
+def test_sequences_run_side_by_side_equal_the_sequences_run_alone():
+    """A batch of sequences keeps one memory per sequence: the same logits as running each
+    sequence on its own."""
+    algo, g = tiny_mann(), torch.Generator().manual_seed(2)
+    x = torch.randn(3, 7, 6, generator=g)  # 3 sequences of 7 steps
+    labels = torch.randint(0, 3, (3, 7), generator=g)
+    with torch.no_grad():
+        together, _ = algo.run(algo.backbone(x.flatten(0, 1)).view(3, 7, -1), labels)
+        alone = [algo.run(algo.backbone(x[b]), labels[b])[0] for b in range(3)]
+    assert together.shape == (3, 7, 3)
+    for b in range(3):
+        torch.testing.assert_close(together[b], alone[b])
+
+
+def test_a_stacked_meta_batch_is_the_mean_loss_of_its_sequences():
+    """The runner hands MANN its meta-batch stacked; the loss is the cross-entropy over every
+    step of every sequence, each sequence in its own random order (drawn from torch's
+    global generator, as a hand computation here redraws it)."""
+    algo = tiny_mann()
+    episodes = [episode(seed=s) for s in range(4)]
+    torch.manual_seed(5)
+    loss, acc = algo.meta_loss(Episode.stack(episodes))
+    torch.manual_seed(5)
+    orders = torch.rand(4, 15).argsort(dim=1)
+    losses, correct = [], []
+    for ep, order in zip(episodes, orders, strict=True):
+        x = torch.cat([ep.support_x, ep.query_x])[order]
+        y = torch.cat([ep.support_y, ep.query_y])[order]
+        logits, _ = algo.run(algo.backbone(x), y)
+        losses.append(F.cross_entropy(logits, y))
+        correct.append(logits.argmax(1) == y)
+    torch.testing.assert_close(loss, torch.stack(losses).mean())
+    torch.testing.assert_close(acc, torch.cat(correct).float().mean())
+    assert MANN.stacks_tasks
+
+
 def test_instance_numbers_count_presentations_of_each_class():
     labels = torch.tensor([1, 0, 1, 1, 2, 0])
     assert instance_numbers(labels).tolist() == [1, 1, 2, 3, 1, 2]
@@ -210,6 +246,36 @@ def test_evaluate_averages_episode_metrics_with_a_confidence_interval():
     assert summary["ci95"] == pytest.approx(1.96 * float(values.std()) / math.sqrt(4))
 
 
+def test_mann_on_another_runs_frozen_backbone_trains_only_the_controller(tmp_path):
+    from metarun.models import Conv4
+    from tests.test_leo import save_protonet_checkpoint
+
+    protonet = save_protonet_checkpoint(tmp_path / "best.pt", hidden=8)
+    torch.manual_seed(0)
+    algo = MANN(
+        Conv4((1, 28, 28), hidden=8),
+        ways=3,
+        controller_size=8,
+        memory_slots=6,
+        memory_width=4,
+        read_heads=2,
+        encoder_checkpoint=str(tmp_path / "best.pt"),
+    )
+    for name, value in protonet.backbone.state_dict().items():
+        assert torch.equal(algo.backbone.state_dict()[name], value), name
+    before = {k: v.clone() for k, v in algo.backbone.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 9, 1, 28, 28, generator=g)  # 2 stacked tasks, 3 ways x 3 images
+    y = torch.arange(3).repeat(3).expand(2, 9)
+    batch = Episode(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:], torch.arange(3).expand(2, 3))
+    algo.train()
+    algo.meta_loss(batch)[0].backward()
+    assert all(p.grad is None for p in algo.backbone.parameters())
+    assert algo.controller.weight_ih.grad is not None
+    for name, value in algo.backbone.state_dict().items():  # BatchNorm statistics too
+        assert torch.equal(value, before[name]), name
+
+
 def test_mann_and_snail_refuse_episodes_of_another_number_of_ways():
     for algo in (tiny_mann(ways=4), tiny_snail(ways=4)):
         with pytest.raises(ValueError, match="set train.ways and eval.ways"):
@@ -314,8 +380,8 @@ def test_run_writes_results_and_resumes_like_an_uninterrupted_run(
     original, calls = cls.meta_loss, []
 
     def fails_in_iteration_3(self, ep):  # 2 tasks per iteration; last.pt saved at 2
-        calls.append(1)
-        if len(calls) == 5:
+        calls.append(ep.tasks)  # MANN takes the meta-batch stacked, SNAIL a task at a time
+        if sum(calls) >= 5:
             raise RuntimeError("power cut")
         return original(self, ep)
 

@@ -21,7 +21,11 @@ for classification, targets ``(n_query, outputs)`` for regression."""
 
 @runtime_checkable
 class MetaLearner(Protocol):
-    """What the runner needs from an algorithm (implemented by ``nn.Module`` subclasses)."""
+    """What the runner needs from an algorithm (implemented by ``nn.Module`` subclasses).
+
+    An algorithm that computes a whole meta-batch in one call sets ``stacks_tasks = True``;
+    the runner then hands :meth:`meta_loss` the meta-batch stacked by :meth:`Episode.stack`
+    (a leading task dimension) instead of one episode at a time."""
 
     bn_mode: BatchNormMode
 

@@ -80,6 +80,7 @@ class MAML(nn.Module):
         if engine not in ENGINES:
             raise ValueError(f"unknown algo.engine {engine!r}; choose one of {ENGINES}")
         self.engine = engine
+        self.stacks_tasks = engine == "vmap"  # the runner hands over a stacked meta-batch
         if engine != "loop":
             _check_engine(self)
         if engine == "vmap":

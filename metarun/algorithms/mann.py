@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ from metarun.algorithms.base import (
     buffer_copies,
     require_classification,
 )
+from metarun.checkpoint import load_backbone
 from metarun.data.episodes import Episode
 
 
@@ -156,6 +158,10 @@ class MANN(nn.Module):
         report_instances: the instance numbers :meth:`episode_metrics` reports (those that
             an episode's ``shots + query_shots`` reaches).
         order_seed: seed of the presentation order in evaluation.
+        encoder_checkpoint: a checkpoint of another run (e.g. ProtoNet's ``best.pt``) whose
+            backbone is loaded and frozen (run in ``bn_mode`` in training too); ``None``
+            trains the backbone jointly with the controller, as the paper does its input
+            layer.
         bn_mode: see :class:`BatchNormMode`; ``running`` embeds each image on its own in
             evaluation, so no later image influences an earlier step.
         task: the dataset's task kind (given by the runner); classification only.
@@ -172,6 +178,7 @@ class MANN(nn.Module):
         usage_decay: float = 0.95,
         report_instances: tuple[int, ...] = (1, 2, 3, 4, 5, 10),
         order_seed: int = 0,
+        encoder_checkpoint: str | None = None,
         bn_mode: BatchNormMode | str = BatchNormMode.running,
         task: TaskKind = CLASSIFICATION,
     ):
@@ -183,6 +190,10 @@ class MANN(nn.Module):
             )
         super().__init__()
         self.backbone = backbone
+        self.frozen_backbone = encoder_checkpoint is not None
+        if encoder_checkpoint is not None:
+            load_backbone(backbone, Path(encoder_checkpoint))
+            backbone.requires_grad_(False)
         self.ways = ways
         self.slots, self.width, self.heads = memory_slots, memory_width, read_heads
         self.usage_decay = usage_decay
@@ -226,16 +237,22 @@ class MANN(nn.Module):
     def run(
         self, features: torch.Tensor, labels: torch.Tensor, state: MemoryState | None = None
     ) -> tuple[torch.Tensor, MemoryState]:
-        """Presents one sequence: ``(T, d)`` features and ``(T,)`` labels (fed one step
-        late) -> logits ``(T, ways)`` (the prediction of each step's label) and the state."""
+        """Presents one sequence, ``(T, d)`` features and ``(T,)`` labels (fed one step
+        late), or ``B`` sequences side by side, ``(B, T, d)`` and ``(B, T)``, each with its
+        own memory -> logits ``(T, ways)`` or ``(B, T, ways)`` (the prediction of each
+        step's label) and the state."""
+        single = labels.dim() == 1
+        if single:
+            features, labels = features[None], labels[None]
         if state is None:
-            state = self.initial_state(1, features)
-        prev = delayed_labels(labels, self.ways)
+            state = self.initial_state(labels.shape[0], features)
+        prev = torch.stack([delayed_labels(y, self.ways) for y in labels])  # (B, T, ways)
         logits = []
-        for t in range(features.shape[0]):
-            out, state = self.step(features[t : t + 1], prev[t : t + 1], state)
+        for t in range(labels.shape[1]):
+            out, state = self.step(features[:, t], prev[:, t], state)
             logits.append(out)
-        return torch.cat(logits), state
+        logits = torch.stack(logits, dim=1)  # (B, T, ways)
+        return (logits[0] if single else logits), state
 
     def _check(self, ways: int) -> None:
         if ways != self.ways:
@@ -244,15 +261,31 @@ class MANN(nn.Module):
                 f"one; set train.ways and eval.ways to the same value."
             )
 
+    stacks_tasks = True  # the runner hands over the meta-batch stacked: one batched run
+
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy and accuracy over every step of the episode presented as one
-        sequence (support and query images, in a random order)."""
+        """Cross-entropy and accuracy over every step of each episode presented as one
+        sequence (support and query images, each sequence in its own random order). Takes
+        one episode or a stacked meta-batch (:meth:`Episode.stack`), whose sequences run
+        side by side, each with its own memory."""
         self._check(episode.ways)
-        x = torch.cat([episode.support_x, episode.query_x])
-        y = torch.cat([episode.support_y, episode.query_y])
-        order = torch.randperm(y.shape[0]).to(y.device)
-        x, y = x[order], y[order]
-        logits, _ = self.run(self.backbone(x), y)
+        stacked = episode.classes.dim() == 2
+        x = torch.cat([episode.support_x, episode.query_x], dim=int(stacked))
+        y = torch.cat([episode.support_y, episode.query_y], dim=int(stacked))
+        if not stacked:
+            x, y = x[None], y[None]
+        tasks, steps = y.shape
+        order = torch.rand(tasks, steps).argsort(dim=1).to(y.device)  # (tasks, steps)
+        x = x[torch.arange(tasks, device=y.device)[:, None], order]
+        y = y.gather(1, order)
+        if self.frozen_backbone:  # fixed features, embedded as in evaluation
+            with torch.no_grad():
+                features = self._embedder()(x.flatten(0, 1))
+        else:
+            features = self.backbone(x.flatten(0, 1))
+        features = features.view(tasks, steps, -1)
+        logits, _ = self.run(features, y)
+        logits, y = logits.flatten(0, 1), y.flatten()
         return F.cross_entropy(logits, y), accuracy(logits, y)
 
     def _eval_order(self, n: int, device: torch.device, salt: int = 0) -> torch.Tensor:
