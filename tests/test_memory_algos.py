@@ -156,6 +156,32 @@ def test_lrua_writes_the_key_to_the_least_used_row_when_the_gate_is_closed():
     torch.testing.assert_close(new_usage[0], 0.9 * usage[0] + weights + write)
 
 
+def test_a_key_strength_multiplies_the_cosines_before_the_read_softmax():
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]])
+    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
+    previous_reads = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
+    key, gate = torch.tensor([[[0.6, -0.8]]]), torch.tensor([[0.0]])
+    plain = lrua_step(memory, usage, previous_reads, key, gate, 0.9)
+    sharp = lrua_step(memory, usage, previous_reads, key, gate, 0.9, torch.tensor([[4.0]]))
+    torch.testing.assert_close(sharp[0], plain[0])  # the write is the same
+    cosine = plain[2][0, 0].log()  # softmax(cos) -> log gives cos up to a constant
+    torch.testing.assert_close(sharp[2][0, 0], (4.0 * cosine).softmax(-1))
+    assert sharp[2].max() > plain[2].max()  # sharper: more weight on the best row
+    algo = MANN(
+        TinyEncoder(),
+        ways=3,
+        controller_size=8,
+        memory_slots=6,
+        memory_width=4,
+        read_heads=2,
+        key_strength=True,
+    )
+    assert algo.strengths is not None and tiny_mann().strengths is None
+    loss, _ = algo.meta_loss(episode())
+    loss.backward()
+    assert algo.strengths.weight.grad is not None
+
+
 def test_lrua_open_gate_adds_the_key_to_the_previously_read_row_and_still_erases():
     memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]])
     usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])

@@ -116,6 +116,7 @@ def lrua_step(
     keys: torch.Tensor,
     write_gate: torch.Tensor,
     usage_decay: float,
+    strength: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LRUA write and content-based read (Santoro et al. 2016, section 3.2).
 
@@ -126,6 +127,9 @@ def lrua_step(
         keys: ``(B, heads, W)`` this step's keys (written, then used to read).
         write_gate: ``(B, heads)`` ``sigmoid(alpha)``, in [0, 1].
         usage_decay: ``gamma``.
+        strength: ``(B, heads)`` key strengths ``beta >= 1`` that sharpen the read softmax
+            (NTM's content addressing, Graves et al. 2014); ``None``: the paper's plain
+            cosine similarities.
 
     Returns:
         The new memory ``(B, N, W)``, usage ``(B, N)``, read weights ``(B, heads, N)`` and
@@ -138,6 +142,8 @@ def lrua_step(
     erase = least_used(usage, 1)  # the least used row is zeroed before writing
     memory = memory * (1 - erase)[..., None] + torch.einsum("bhn,bhw->bnw", write_weights, keys)
     similarity = F.cosine_similarity(keys[:, :, None, :], memory[:, None, :, :], dim=-1, eps=1e-8)
+    if strength is not None:
+        similarity = similarity * strength[..., None]
     new_read_weights = similarity.softmax(dim=-1)  # (B, heads, N)
     reads = torch.einsum("bhn,bnw->bhw", new_read_weights, memory)
     usage = usage_decay * usage + new_read_weights.sum(1) + write_weights.sum(1)
@@ -155,6 +161,10 @@ class MANN(nn.Module):
         memory_width: memory row width ``W`` (the paper: 40).
         read_heads: read heads, each with its key and write gate (the paper: 4).
         usage_decay: ``gamma``, the decay of the usage weights.
+        key_strength: the controller also emits a strength ``beta = 1 + softplus(.)`` per
+            head that multiplies the cosine similarities before the read softmax, as in the
+            Neural Turing Machine (Graves et al. 2014). Not in the MANN paper, whose softmax
+            over raw cosines (in [-1, 1]) is nearly flat over many rows.
         report_instances: the instance numbers :meth:`episode_metrics` reports (those that
             an episode's ``shots + query_shots`` reaches).
         order_seed: seed of the presentation order in evaluation.
@@ -176,6 +186,7 @@ class MANN(nn.Module):
         memory_width: int = 40,
         read_heads: int = 4,
         usage_decay: float = 0.95,
+        key_strength: bool = False,
         report_instances: tuple[int, ...] = (1, 2, 3, 4, 5, 10),
         order_seed: int = 0,
         encoder_checkpoint: str | None = None,
@@ -204,6 +215,7 @@ class MANN(nn.Module):
         self.controller = nn.LSTMCell(backbone.out_features + ways + reads, controller_size)
         self.keys = nn.Linear(controller_size, reads)
         self.write_gates = nn.Linear(controller_size, read_heads)
+        self.strengths = nn.Linear(controller_size, read_heads) if key_strength else None
         self.output = nn.Linear(controller_size + reads, ways)
 
     def initial_state(self, batch: int, like: torch.Tensor) -> MemoryState:
@@ -227,8 +239,9 @@ class MANN(nn.Module):
         h, c = self.controller(inputs, (state.h, state.c))
         keys = torch.tanh(self.keys(h)).view(-1, self.heads, self.width)
         gate = torch.sigmoid(self.write_gates(h))
+        strength = None if self.strengths is None else 1 + F.softplus(self.strengths(h))
         memory, usage, read_weights, reads = lrua_step(
-            state.memory, state.usage, state.read_weights, keys, gate, self.usage_decay
+            state.memory, state.usage, state.read_weights, keys, gate, self.usage_decay, strength
         )
         reads = reads.flatten(1)
         logits = self.output(torch.cat([h, reads], dim=1))
