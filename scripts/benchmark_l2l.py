@@ -16,7 +16,14 @@ on a machine against learn2learn as its examples run (fp32, default memory forma
 Cases (Omniglot, Vinyals split, 28x28, conv4 with 64 channels, Adam 1e-3):
     sampling   5-way 1-shot 15-query training episodes: metarun's ``EpisodeSampler`` vs
                learn2learn's ``TaskDataset`` with ``NWays``/``KShots``/``LoadData``/
-               ``RemapLabels``/``ConsecutiveLabels`` over the same images (episodes/s).
+               ``RemapLabels``/``ConsecutiveLabels`` over the same images, held in memory
+               as tensors like metarun's (episodes/s).
+    tasksets   the same metarun sampler against learn2learn's own Omniglot pipeline as its
+               examples get it, ``l2l.vision.benchmarks.get_tasksets("omniglot", ...)``
+               (``FullOmniglot`` read through torchvision with the Resize/ToTensor
+               transforms, ``FusedNWaysKShots``, ``LoadData``, ``RemapLabels``,
+               ``ConsecutiveLabels``, ``RandomClassRotation``), from the zips of
+               ``$METARUN_DATA/omniglot`` extracted once into the user cache (episodes/s).
     maml2      MAML second order, 5-way 1-shot 15-query, meta-batch 32, 1 inner step of
                0.4: seconds per meta-update (metarun ``algo.engine=loop``; learn2learn
                ``l2l.algorithms.MAML`` with ``clone()``/``adapt()``), episodes pre-sampled.
@@ -43,9 +50,10 @@ import sys
 import time
 from pathlib import Path
 
-CASES = ("sampling", "maml2", "maml2v", "maml2p", "maml1", "protonet", "eval")
+CASES = ("sampling", "tasksets", "maml2", "maml2v", "maml2p", "maml1", "protonet", "eval")
 UNITS = {
     "sampling": "episodes/s",
+    "tasksets": "episodes/s",
     "maml2": "s/step",
     "maml2v": "s/step",
     "maml2p": "s/step",
@@ -53,7 +61,7 @@ UNITS = {
     "protonet": "s/step",
     "eval": "s",
 }
-HIGHER_IS_BETTER = {"sampling"}
+HIGHER_IS_BETTER = {"sampling", "tasksets"}
 
 
 def _setup(seed: int = 0):
@@ -95,6 +103,27 @@ def _l2l_taskset(pool, ways: int, per_class: int):
         l2l.data.transforms.ConsecutiveLabels(meta),
     ]
     return l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=-1)
+
+
+def _l2l_omniglot_root() -> str:
+    """A folder laid out as torchvision's ``Omniglot`` (and so learn2learn's
+    ``FullOmniglot``) reads it offline, ``omniglot-py/images_{background,evaluation}/``,
+    extracted once from the zips in ``$METARUN_DATA/omniglot`` into the user cache."""
+    import zipfile
+
+    from metarun.data.files import cache_root, data_root
+
+    root = cache_root(os.environ.get("METARUN_CACHE")) / "l2l-omniglot"
+    for name in ("images_background", "images_evaluation"):
+        target = root / "omniglot-py" / name
+        if not target.is_dir():
+            source = data_root(os.environ.get("METARUN_DATA")) / "omniglot" / f"{name}.zip"
+            partial = root / "omniglot-py" / f"{name}.partial"
+            with zipfile.ZipFile(source) as archive:
+                archive.extractall(partial)
+            (partial / name).rename(target)
+            partial.rmdir()
+    return str(root)
 
 
 def _l2l_episode(taskset, shots: int):
@@ -168,12 +197,24 @@ def worker(
     if impl == "l2l":
         import learn2learn as l2l
 
-    if case == "sampling":
+    if case in ("sampling", "tasksets"):
         if impl == "metarun":
             sampler = EpisodeSampler(pool, 5, 1, 15, seed=0)
             sample = sampler.sample
-        else:
+        elif case == "sampling":
             taskset = _l2l_taskset(pool, 5, 16)
+
+            def sample():
+                return _l2l_episode(taskset, 1)
+        else:
+            taskset = l2l.vision.benchmarks.get_tasksets(
+                "omniglot",
+                train_ways=5,
+                train_samples=16,
+                test_ways=5,
+                test_samples=16,
+                root=_l2l_omniglot_root(),
+            ).train
 
             def sample():
                 return _l2l_episode(taskset, 1)
