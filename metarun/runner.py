@@ -316,8 +316,11 @@ def train(
         parallel.sum_gradients(algo)  # the whole meta-batch's gradient on every rank
         # One all-reduce: the meta-batch's loss and metric, and whether any rank must stop.
         stop_votes = torch.tensor(float(stop.requested), device=hardware.device)
+        # Rank 0's clock alone decides: the others' would count its validation pauses.
         spent = state.train_seconds + time.perf_counter() - tic
-        over_budget = torch.tensor(float(bool(max_seconds) and spent >= max_seconds))
+        over_budget = torch.tensor(
+            float(parallel.is_main and bool(max_seconds) and spent >= max_seconds)
+        )
         loss_sum, acc_sum, stop_votes, over_budget = parallel.sum(
             loss_sum, acc_sum, stop_votes, over_budget.to(hardware.device)
         )
@@ -350,7 +353,7 @@ def train(
         )
         logger.progress(state.iteration, mean_loss, mean_acc, meta_batch_size, task.metric)
         stopping = stop_votes.item() > 0  # Ctrl-C or SIGTERM: every rank stops here
-        # The time budget (train.max_minutes) is spent on some rank: every rank ends here.
+        # The time budget (train.max_minutes) is spent on rank 0: every rank ends here.
         state.budget_reached = over_budget.item() > 0
         last = state.iteration == iterations or state.budget_reached
         if not parallel.is_main:  # validation and checkpoints: rank 0 only

@@ -121,3 +121,22 @@ def test_grad_clip_bounds_the_meta_gradient_norm_at_every_update(
     assert len(seen) == len(before) == 3
     assert all(norm > 0.01 for norm in before)  # an untrained MAML's gradient is larger
     assert seen == pytest.approx([0.01] * 3, rel=1e-4)
+
+
+def test_only_rank_0_clock_spends_the_time_budget(make_cfg, one_thread, tmp_path, monkeypatch):
+    """Under torchrun the other ranks wait in the all-reduce while rank 0 validates, so their
+    clocks would count its validation; only rank 0's vote ends a run by time. Here a rank-1
+    process alone (no process group) with a budget of one step's worth trains to the end."""
+    steps = []
+    adam_step = torch.optim.Adam.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "1")
+    cfg = make_cfg("algo=protonet", "train.iterations=3", "train.max_minutes=0.00001", one_thread)
+    assert run(cfg, tmp_path) == {}  # not rank 0: no test, no results
+    assert len(steps) == 3
