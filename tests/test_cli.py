@@ -100,8 +100,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(tin
     assert 0 < stopped_at < 150, "the signal should have arrived mid-run"
     assert not (run_dir / "results.json").exists()
 
-    resumed = metarun(f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume-log'}", cwd=tmp_path)
+    resumed = metarun(f"resume={run_dir}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+    log = (run_dir / "metarun.log").read_text()
+    assert log.index("run folder") < log.index("resuming")  # the run's own log goes on
+    assert not (tmp_path / "outputs").exists()  # and Hydra made no new folder
     assert read_metrics(run_dir) == read_metrics(tmp_path / "ref")
     ours = json.loads((run_dir / "results.json").read_text())["test"]
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())["test"]
