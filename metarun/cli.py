@@ -94,11 +94,12 @@ def main() -> None:
         scratch = Path(tempfile.gettempdir()) / f"metarun-rank{rank}"
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
         sys.argv += [f"hydra.run.dir={scratch}"]
-    elif not any(arg.startswith("hydra.run.dir=") for arg in sys.argv[1:]):
+    resume = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("resume=")), "")
+    if rank == 0 and resume and "," not in resume and not any(
+        arg.startswith("hydra.run.dir=") for arg in sys.argv[1:]
+    ):
         # A resumed run logs into its own folder's metarun.log, and Hydra makes no new one.
-        for arg in sys.argv[1:]:
-            if arg.startswith("resume=") and "," not in arg:
-                sys.argv += [f"hydra.run.dir={arg.split('=', 1)[1]}", "hydra.output_subdir=null"]
+        sys.argv += [f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
     _main()
 
 
