@@ -95,8 +95,11 @@ def main() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
         sys.argv += [f"hydra.run.dir={scratch}"]
     resume = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("resume=")), "")
-    if rank == 0 and resume and "," not in resume and not any(
-        arg.startswith("hydra.run.dir=") for arg in sys.argv[1:]
+    if (
+        rank == 0
+        and resume
+        and "," not in resume
+        and not any(arg.startswith("hydra.run.dir=") for arg in sys.argv[1:])
     ):
         # A resumed run logs into its own folder's metarun.log, and Hydra makes no new one.
         sys.argv += [f"hydra.run.dir={resume}", "hydra.output_subdir=null"]

@@ -223,6 +223,7 @@ class MANNConfig:
     usage_decay: float = MISSING
     report_instances: list[int] = MISSING  # accuracy by instance number (1st, 2nd, ...)
     key_strength: bool = MISSING  # NTM key strengths sharpen the reads (not in the paper)
+    add_vector: bool = MISSING  # heads write NTM add vectors, not their keys (not in the paper)
     order_seed: int = MISSING  # presentation order in evaluation
     encoder_checkpoint: str | None = MISSING  # a run's best.pt: frozen backbone; null: joint
     bn_mode: BatchNormMode = MISSING

@@ -201,6 +201,34 @@ def test_lrua_open_gate_adds_the_key_to_the_previously_read_row_and_still_erases
     torch.testing.assert_close(half, expected)
 
 
+def test_add_vectors_are_written_in_place_of_the_keys_which_still_address_the_read():
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]])
+    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
+    previous_reads = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
+    key, add = torch.tensor([[[0.6, -0.8]]]), torch.tensor([[[-0.2, 0.9]]])
+    new_memory, _, weights, _ = lrua_step(
+        memory, usage, previous_reads, key, torch.tensor([[0.0]]), 0.9, values=add
+    )
+    expected = memory.clone()
+    expected[0, 1] = add[0, 0]  # the add vector, not the key, fills the least used row
+    torch.testing.assert_close(new_memory, expected)
+    cosine = F.cosine_similarity(key[0], expected[0], dim=-1)
+    torch.testing.assert_close(weights[0, 0], cosine.softmax(-1))
+    algo = MANN(
+        TinyEncoder(),
+        ways=3,
+        controller_size=8,
+        memory_slots=6,
+        memory_width=4,
+        read_heads=2,
+        add_vector=True,
+    )
+    assert algo.adds is not None and tiny_mann().adds is None
+    loss, _ = algo.meta_loss(episode())
+    loss.backward()
+    assert algo.adds.weight.grad is not None and algo.adds.weight.grad.abs().sum() > 0
+
+
 def test_least_used_marks_one_row_per_head_with_ties_to_the_lowest_index():
     usage = torch.tensor([[0.4, 0.0, 0.2, 0.0, 0.7]])
     assert least_used(usage, 1).tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]]
@@ -459,3 +487,58 @@ def test_snail_learns_omniglot_on_a_tiny_budget(make_cfg, tmp_path, one_thread):
     )
     summary = run(cfg, tmp_path)
     assert summary["test/acc"] >= 0.27, summary
+
+
+def test_mann_learns_to_bind_omniglot_images_to_labels_on_a_tiny_budget(
+    make_cfg, omniglot, tmp_path, one_thread
+):
+    """A ProtoNet backbone trained for seconds and frozen; on it, a small MANN with add
+    vectors trained for 800 iterations of 16 sequences (5 classes x 5 drawings) of real
+    Omniglot training characters. Tested like every algorithm (5-way 1-shot episodes of
+    validation characters; each query is presented after the whole support set, so it is
+    the 2nd instance of its class): only a binding of images to labels beats chance (20%)
+    there; guessing a label not yet given in the sequence does not. Measured: 33.9% (by
+    instance 39 / 34 / 40 / 42 / 42%); with the paper's writes (keys, no add vectors) the
+    same budget gave 20.05%."""
+    from metarun.data.episodes import EpisodeSampler
+    from metarun.models import Conv4
+    from metarun.runner import run
+
+    protonet = [one_thread, "algo=protonet", "model.hidden=32", "train.ways=20"]
+    protonet += ["train.query_shots=5", "train.iterations=100", "eval.val_every=0"]
+    run(make_cfg(*protonet), tmp_path / "protonet")
+    torch.manual_seed(0)
+    algo = MANN(
+        Conv4((1, 28, 28), hidden=32),
+        ways=5,
+        controller_size=64,
+        memory_slots=32,
+        memory_width=16,
+        add_vector=True,
+        report_instances=(1, 2, 3, 4, 5),
+        encoder_checkpoint=str(tmp_path / "protonet" / "checkpoints" / "last.pt"),
+    )
+    # The frozen backbone embeds each drawing once; sequences are drawn from the features.
+    pool = omniglot.pool("train")
+    items = pool.class_items[:400]  # 400 characters x 20 drawings
+    with torch.no_grad():
+        features = algo._embedder()(pool.images[items.flatten()].float() / 255)
+    features = features.view(*items.shape, -1)
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(algo.parameters(), lr=0.003)
+    labels = torch.arange(5).repeat_interleave(5)  # 5 classes x 5 drawings
+    for _ in range(800):
+        classes = torch.rand(16, len(items), generator=g).argsort(dim=1)[:, :5]
+        drawings = torch.rand(16, 5, 20, generator=g).argsort(dim=2)[..., :5]
+        x = features[classes[..., None], drawings].flatten(1, 2)  # (16, 25, d)
+        order = torch.rand(16, 25, generator=g).argsort(dim=1)
+        x, y = x[torch.arange(16)[:, None], order], labels[order]
+        logits, _ = algo.run(x, y)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sampler = EpisodeSampler(omniglot.pool("val"), ways=5, shots=1, query_shots=4, seed=0)
+    result = evaluate(algo, sampler, 100, Hardware(device="cpu", amp="off"))
+    by_instance = {k: round(v["mean"], 3) for k, v in result.extra.items()}
+    assert result.mean >= 0.28, (result.mean, by_instance)

@@ -17,6 +17,9 @@ rows of width ``memory_width``):
   used rows (as many as there are heads) form ``w^lu_{t-1}``; each head writes its key with
   ``w^w_t = sigmoid(alpha) w^r_{t-1} + (1 - sigmoid(alpha)) w^lu_{t-1}``, a learned gate
   between the row it last read and a fresh row. The single least used row is erased first.
+  With ``add_vector`` a head writes an add vector of its own instead of its key (as the
+  Neural Turing Machine does); on frozen ProtoNet features this learned to bind images to
+  labels in a CPU budget where the paper's key writes stayed at chance (docs/RESULTS.md).
 
 Input features come from the runner's backbone (the paper feeds flattened 20x20 pixels; a
 Conv4 embedding learns much faster on a small CPU budget). Support and query images of a
@@ -117,6 +120,7 @@ def lrua_step(
     write_gate: torch.Tensor,
     usage_decay: float,
     strength: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LRUA write and content-based read (Santoro et al. 2016, section 3.2).
 
@@ -130,6 +134,8 @@ def lrua_step(
         strength: ``(B, heads)`` key strengths ``beta >= 1`` that sharpen the read softmax
             (NTM's content addressing, Graves et al. 2014); ``None``: the paper's plain
             cosine similarities.
+        values: ``(B, heads, W)`` the vectors written, apart from the keys (the NTM's add
+            vectors); ``None``: the keys are written, as in the MANN paper.
 
     Returns:
         The new memory ``(B, N, W)``, usage ``(B, N)``, read weights ``(B, heads, N)`` and
@@ -140,7 +146,8 @@ def lrua_step(
     gate = write_gate[..., None]
     write_weights = gate * read_weights + (1 - gate) * fresh  # (B, heads, N)
     erase = least_used(usage, 1)  # the least used row is zeroed before writing
-    memory = memory * (1 - erase)[..., None] + torch.einsum("bhn,bhw->bnw", write_weights, keys)
+    written = keys if values is None else values
+    memory = memory * (1 - erase)[..., None] + torch.einsum("bhn,bhw->bnw", write_weights, written)
     similarity = F.cosine_similarity(keys[:, :, None, :], memory[:, None, :, :], dim=-1, eps=1e-8)
     if strength is not None:
         similarity = similarity * strength[..., None]
@@ -165,6 +172,9 @@ class MANN(nn.Module):
             head that multiplies the cosine similarities before the read softmax, as in the
             Neural Turing Machine (Graves et al. 2014). Not in the MANN paper, whose softmax
             over raw cosines (in [-1, 1]) is nearly flat over many rows.
+        add_vector: each head writes an add vector of its own (``tanh`` of a linear map of
+            the controller state, as the NTM's add vectors) instead of its read key. Not in
+            the MANN paper, whose heads write the key they read with.
         report_instances: the instance numbers :meth:`episode_metrics` reports (those that
             an episode's ``shots + query_shots`` reaches).
         order_seed: seed of the presentation order in evaluation.
@@ -187,6 +197,7 @@ class MANN(nn.Module):
         read_heads: int = 4,
         usage_decay: float = 0.95,
         key_strength: bool = False,
+        add_vector: bool = False,
         report_instances: tuple[int, ...] = (1, 2, 3, 4, 5, 10),
         order_seed: int = 0,
         encoder_checkpoint: str | None = None,
@@ -216,6 +227,7 @@ class MANN(nn.Module):
         self.keys = nn.Linear(controller_size, reads)
         self.write_gates = nn.Linear(controller_size, read_heads)
         self.strengths = nn.Linear(controller_size, read_heads) if key_strength else None
+        self.adds = nn.Linear(controller_size, reads) if add_vector else None
         self.output = nn.Linear(controller_size + reads, ways)
 
     def initial_state(self, batch: int, like: torch.Tensor) -> MemoryState:
@@ -240,8 +252,16 @@ class MANN(nn.Module):
         keys = torch.tanh(self.keys(h)).view(-1, self.heads, self.width)
         gate = torch.sigmoid(self.write_gates(h))
         strength = None if self.strengths is None else 1 + F.softplus(self.strengths(h))
+        adds = None if self.adds is None else torch.tanh(self.adds(h)).view_as(keys)
         memory, usage, read_weights, reads = lrua_step(
-            state.memory, state.usage, state.read_weights, keys, gate, self.usage_decay, strength
+            state.memory,
+            state.usage,
+            state.read_weights,
+            keys,
+            gate,
+            self.usage_decay,
+            strength,
+            adds,
         )
         reads = reads.flatten(1)
         logits = self.output(torch.cat([h, reads], dim=1))
