@@ -42,7 +42,7 @@ def episode(ways: int = 3, shots: int = 2, query: int = 3, d: int = 6, seed: int
     )
 
 
-def tiny_mann(ways: int = 3) -> MANN:
+def tiny_mann(ways: int = 3, **options) -> MANN:
     torch.manual_seed(0)
     return MANN(
         TinyEncoder(),
@@ -52,6 +52,7 @@ def tiny_mann(ways: int = 3) -> MANN:
         memory_width=4,
         read_heads=2,
         report_instances=(1, 2, 5),
+        **options,
     )
 
 
@@ -167,15 +168,7 @@ def test_a_key_strength_multiplies_the_cosines_before_the_read_softmax():
     cosine = plain[2][0, 0].log()  # softmax(cos) -> log gives cos up to a constant
     torch.testing.assert_close(sharp[2][0, 0], (4.0 * cosine).softmax(-1))
     assert sharp[2].max() > plain[2].max()  # sharper: more weight on the best row
-    algo = MANN(
-        TinyEncoder(),
-        ways=3,
-        controller_size=8,
-        memory_slots=6,
-        memory_width=4,
-        read_heads=2,
-        key_strength=True,
-    )
+    algo = tiny_mann(key_strength=True)
     assert algo.strengths is not None and tiny_mann().strengths is None
     loss, _ = algo.meta_loss(episode())
     loss.backward()
@@ -214,15 +207,7 @@ def test_add_vectors_are_written_in_place_of_the_keys_which_still_address_the_re
     torch.testing.assert_close(new_memory, expected)
     cosine = F.cosine_similarity(key[0], expected[0], dim=-1)
     torch.testing.assert_close(weights[0, 0], cosine.softmax(-1))
-    algo = MANN(
-        TinyEncoder(),
-        ways=3,
-        controller_size=8,
-        memory_slots=6,
-        memory_width=4,
-        read_heads=2,
-        add_vector=True,
-    )
+    algo = tiny_mann(add_vector=True)
     assert algo.adds is not None and tiny_mann().adds is None
     loss, _ = algo.meta_loss(episode())
     loss.backward()
