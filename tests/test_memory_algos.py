@@ -133,10 +133,17 @@ def test_instance_numbers_count_presentations_of_each_class():
 # --- MANN: LRUA memory, by hand on 4 rows of width 2 ----------------------------------
 
 
-def test_lrua_writes_the_key_to_the_least_used_row_when_the_gate_is_closed():
+def four_rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A memory of 4 rows of width 2, its usage (row 1 the least used) and the last read
+    weights of one head (row 2)."""
     memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]])
-    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])  # row 1 is the least used
-    previous_reads = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])  # one head, last read row 2
+    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
+    previous_reads = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
+    return memory, usage, previous_reads
+
+
+def test_lrua_writes_the_key_to_the_least_used_row_when_the_gate_is_closed():
+    memory, usage, previous_reads = four_rows()
     key = torch.tensor([[[0.6, -0.8]]])
     new_memory, new_usage, reads_w, reads = lrua_step(
         memory, usage, previous_reads, key, torch.tensor([[0.0]]), usage_decay=0.9
@@ -158,9 +165,7 @@ def test_lrua_writes_the_key_to_the_least_used_row_when_the_gate_is_closed():
 
 
 def test_a_key_strength_multiplies_the_cosines_before_the_read_softmax():
-    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]])
-    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
-    previous_reads = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
+    memory, usage, previous_reads = four_rows()
     key, gate = torch.tensor([[[0.6, -0.8]]]), torch.tensor([[0.0]])
     plain = lrua_step(memory, usage, previous_reads, key, gate, 0.9)
     sharp = lrua_step(memory, usage, previous_reads, key, gate, 0.9, torch.tensor([[4.0]]))
@@ -176,9 +181,7 @@ def test_a_key_strength_multiplies_the_cosines_before_the_read_softmax():
 
 
 def test_lrua_open_gate_adds_the_key_to_the_previously_read_row_and_still_erases():
-    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]])
-    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
-    previous_reads = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
+    memory, usage, previous_reads = four_rows()
     key = torch.tensor([[[0.6, -0.8]]])
     new_memory, *_ = lrua_step(
         memory, usage, previous_reads, key, torch.tensor([[1.0]]), usage_decay=0.9
@@ -195,9 +198,7 @@ def test_lrua_open_gate_adds_the_key_to_the_previously_read_row_and_still_erases
 
 
 def test_add_vectors_are_written_in_place_of_the_keys_which_still_address_the_read():
-    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]])
-    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
-    previous_reads = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
+    memory, usage, previous_reads = four_rows()
     key, add = torch.tensor([[[0.6, -0.8]]]), torch.tensor([[[-0.2, 0.9]]])
     new_memory, _, weights, _ = lrua_step(
         memory, usage, previous_reads, key, torch.tensor([[0.0]]), 0.9, values=add
