@@ -319,6 +319,7 @@ class MLPConfig:
     _partial_: bool = True
     hidden_sizes: list[int] = MISSING
     batch_norm: bool = MISSING
+    init_std: float | None = None  # None: PyTorch's init; else truncated normal, zero biases
 
 
 @dataclass

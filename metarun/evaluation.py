@@ -21,13 +21,15 @@ class EvalResult:
     episodes, n - 1 in the denominator). ``extra`` holds the same summary,
     ``{"mean": ..., "ci95": ..., "episodes": ...}``, of each per-episode metric that an
     algorithm reports through an ``episode_metrics(episode) -> dict[str, float]`` method
-    (MANN's accuracy by instance number)."""
+    (MANN's accuracy by instance number). ``scores`` holds the metric of each episode, in
+    the order the sampler drew them."""
 
     mean: float
     ci95: float
     episodes: int
     metric: str = "acc"
     extra: dict[str, dict[str, float]] = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)
 
     def __str__(self) -> str:
         if self.metric == "acc":
@@ -88,7 +90,7 @@ def evaluate(
     for name, values in extra.items():
         m, c = mean_ci95(torch.tensor(values))
         summaries[name] = {"mean": m, "ci95": c, "episodes": len(values)}
-    return EvalResult(mean, ci95, episodes, metric, summaries)
+    return EvalResult(mean, ci95, episodes, metric, summaries, accs.tolist())
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:

@@ -221,12 +221,16 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
             log.info("test %s", {k: round(v["mean"], 4) for k, v in test.extra.items()})
             logger.log(state.iteration, {f"test/{k}": v["mean"] for k, v in test.extra.items()})
         after_steps = {}  # the same test episodes after other numbers of adaptation steps
+        scores = {"metric": m, "episode_seed": e.episode_seed, "episodes": test.scores}
         for steps in e.report_steps:
             sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
             result = evaluate(algo, sampler, e.test_episodes, hardware, task.score, m, steps)
             log.info("test after %d adaptation steps: %s", steps, result)
             logger.log(state.iteration, {f"test/{m}_step{steps}": result.mean})
             after_steps[str(steps)] = {m: result.mean, "ci95": result.ci95}
+            scores.setdefault("after_steps", {})[str(steps)] = result.scores
+        # Each test episode's score, for paired comparisons and tails (scripts/episode_scores.py).
+        (run_dir / "test_scores.json").write_text(json.dumps(scores) + "\n")
         if hasattr(dataset, "figures"):  # e.g. a few adapted sinusoid curves
             sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
             for tag, image in dataset.figures(algo, sampler, e.report_steps).items():

@@ -84,6 +84,26 @@ def test_maml_regression_meta_gradient_matches_finite_differences():
     assert_meta_gradient_matches_finite_differences(algo, ep)
 
 
+def test_mlp_init_std_initialises_its_layers_and_the_head_put_on_it_as_maml_code_does():
+    torch.manual_seed(0)
+    backbone = MLP((1,), hidden_sizes=(40, 40), batch_norm=False, init_std=0.01)
+    maml = MAML(backbone, 1, 0.01, 1, 1, task=REGRESSION)
+    linears = [m for m in maml.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3  # two hidden layers and MAML's head
+    for layer in linears:
+        assert layer.weight.abs().max() <= 0.02  # truncated at two standard deviations
+        assert layer.bias.abs().max() == 0
+    weights = torch.cat([layer.weight.flatten() for layer in linears])
+    assert 0.0075 < weights.std() < 0.0100  # std of N(0, 0.01) truncated at 2 sd: 0.0088
+    # Without it, PyTorch's own initialisation (uniform, scale 1/sqrt(fan_in), biases too).
+    default = MAML(
+        MLP((1,), hidden_sizes=(40, 40), batch_norm=False), 1, 0.01, 1, 1, task=REGRESSION
+    )
+    assert all(m.bias.abs().max() > 0 for m in default.modules() if isinstance(m, nn.Linear))
+    with pytest.raises(ValueError, match="model.init_std=-1"):
+        MLP((1,), hidden_sizes=(40,), init_std=-1)
+
+
 def test_protonet_refuses_regression_with_a_clear_error():
     from metarun.algorithms import ProtoNet
 
@@ -103,6 +123,14 @@ def test_end_to_end_sinusoid_run_logs_mse_steps_and_curves(
     assert results["test"]["mse"] == results["test"]["after_steps"]["10"]["mse"] > 0
     assert results["test"]["episodes"] == 6 and "best_mse" in results["val"]
     assert results["protocol"]["dataset"] == "Sinusoid"
+    scores = json.loads((run_dir / "test_scores.json").read_text())
+    assert scores["metric"] == "mse" and len(scores["episodes"]) == 6
+    assert math.isclose(sum(scores["episodes"]) / 6, results["test"]["mse"], rel_tol=1e-6)
+    for steps, summary in results["test"]["after_steps"].items():
+        per_episode = scores["after_steps"][steps]
+        assert math.isclose(sum(per_episode) / 6, summary["mse"], rel_tol=1e-6)
+    assert scores["after_steps"]["10"] == scores["episodes"]  # test_adaptation_steps: 10
+    assert scores["after_steps"]["1"] != scores["episodes"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})

@@ -99,8 +99,10 @@ REGRESSION = TaskKind("mse", False, mean_squared_error, mean_squared_error, outp
 
 
 def linear_head(backbone: nn.Module, outputs: int) -> nn.Linear:
-    """The linear layer an algorithm puts on ``backbone``'s flat features; refuses a backbone
-    that keeps feature maps (``model.flatten=false``, which only Relation Networks use)."""
+    """The linear layer an algorithm puts on ``backbone``'s flat features, initialised as the
+    backbone initialises its own where it says how (``init_linear``: MLP's ``init_std``);
+    refuses a backbone that keeps feature maps (``model.flatten=false``, which only Relation
+    Networks use)."""
     shape = tuple(getattr(backbone, "out_shape", (backbone.out_features,)))
     if len(shape) != 1:
         raise ValueError(
@@ -108,7 +110,10 @@ def linear_head(backbone: nn.Module, outputs: int) -> nn.Linear:
             f"feature maps of shape {shape}: set model.flatten=true (feature maps are for "
             f"algo=relation)."
         )
-    return nn.Linear(shape[0], outputs)
+    head = nn.Linear(shape[0], outputs)
+    if hasattr(backbone, "init_linear"):
+        backbone.init_linear(head)
+    return head
 
 
 def require_classification(task: TaskKind, how: str) -> None:

@@ -15,6 +15,10 @@ class MLP(nn.Module):
         input_shape: ``(C, H, W)``, or ``(d,)`` for vector inputs.
         hidden_sizes: width of each layer; the last one is ``out_features``.
         batch_norm: put a BatchNorm1d after each linear layer.
+        init_std: ``None`` keeps PyTorch's initialisation; a number draws the weights of
+            every linear layer, and of the head an algorithm puts on the MLP
+            (:meth:`init_linear`), from a normal distribution with this standard deviation
+            truncated at two of them, with zero biases (MAML's reference code: 0.01).
 
     Shapes:
         ``(n, *input_shape)`` -> ``(n, hidden_sizes[-1])``.
@@ -25,10 +29,16 @@ class MLP(nn.Module):
         input_shape: tuple[int, ...],
         hidden_sizes: tuple[int, ...] = (256, 128, 64, 64),
         batch_norm: bool = True,
+        init_std: float | None = None,
     ):
         super().__init__()
         if not hidden_sizes:
             raise ValueError("MLP needs at least one hidden size")
+        if init_std is not None and init_std <= 0:
+            raise ValueError(
+                f"model.init_std={init_std}: give a positive standard deviation, or null"
+            )
+        self.init_std = init_std
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for size in hidden_sizes:
@@ -39,6 +49,17 @@ class MLP(nn.Module):
             width = size
         self.layers = nn.Sequential(*layers)
         self.out_features = width
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                self.init_linear(layer)
+
+    def init_linear(self, layer: nn.Linear) -> None:
+        """Initialises ``layer`` as this MLP's own linear layers (see ``init_std``)."""
+        if self.init_std is not None:
+            nn.init.trunc_normal_(
+                layer.weight, std=self.init_std, a=-2 * self.init_std, b=2 * self.init_std
+            )
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
