@@ -42,16 +42,15 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for size in hidden_sizes:
-            layers.append(nn.Linear(width, size))
+            linear = nn.Linear(width, size)
+            self.init_linear(linear)
+            layers.append(linear)
             if batch_norm:
                 layers.append(nn.BatchNorm1d(size))
             layers.append(nn.ReLU())
             width = size
         self.layers = nn.Sequential(*layers)
         self.out_features = width
-        for layer in self.layers:
-            if isinstance(layer, nn.Linear):
-                self.init_linear(layer)
 
     def init_linear(self, layer: nn.Linear) -> None:
         """Initialises ``layer`` as this MLP's own linear layers (see ``init_std``)."""
