@@ -4,6 +4,7 @@ metarun algo=maml dataset=omniglot
 metarun experiment=protonet_omniglot_5w1s
 metarun --multirun algo=maml,protonet seed=0,1
 metarun resume=outputs/runs/2026-11-22/10-00-00
+metarun test=outputs/runs/2026-11-22/10-00-00 eval.test_episodes=6000
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
+    if cfg.resume and cfg.test:
+        _fail("resume= continues training and test= tests a trained run: give one of them.")
     if cfg.resume:
         others = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
         if others:
@@ -45,6 +48,11 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         # A sweep runs several jobs in one process: each job's start-up counts from its start.
         started_at = job_started_at if multirun else _STARTED_AT
+        if cfg.test:  # no training: test a trained run again, into this new run folder
+            from metarun.runner import retest
+
+            retest(cfg, list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
+            return None
         summary = run(cfg, hydra_cfg.runtime.output_dir, started_at=started_at)
     except RunInterrupted as err:
         _fail(str(err), code=130)

@@ -95,6 +95,7 @@ class RunConfig:
     data_dir: str | None = None
     cache_dir: str | None = None
     resume: str | None = None
+    test: str | None = None  # a trained run to test again (metarun.runner.retest)
     scenario: Any = None  # a task stream (configs/scenario): lifelong learning instead
 
 

@@ -34,7 +34,9 @@ class EvalResult:
     def __str__(self) -> str:
         if self.metric == "acc":
             return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}% ({self.episodes} episodes)"
-        return f"{self.metric} {self.mean:.4f} ± {self.ci95:.4f} ({self.episodes} episodes)"
+        diverged = sum(not math.isfinite(x) for x in self.scores)  # e.g. too many SGD steps
+        note = f", {diverged} not finite" if diverged else ""
+        return f"{self.metric} {self.mean:.4f} ± {self.ci95:.4f} ({self.episodes} episodes{note})"
 
 
 def episode_sampler(

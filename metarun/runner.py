@@ -2,6 +2,8 @@
 
 ``run(cfg, run_dir)`` is the whole job; ``metarun.cli`` only composes the config and
 hands over Hydra's output folder. Read :func:`train` top to bottom for the loop.
+``retest`` (``metarun test=RUN``) tests a trained run again, with :func:`test_and_report`
+as the run's own test does.
 """
 
 from __future__ import annotations
@@ -123,18 +125,9 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
     torch.manual_seed(cfg.seed)
-    dataset = instantiate(cfg.dataset)
-    pools = {split: dataset.pool(split) for split in ("train", "val", "test")}
-    t = cfg.train
+    dataset, pools, task, algo = build(cfg, hardware)
+    t, e = cfg.train, cfg.eval
     train_sampler = episode_sampler(pools["train"], t.ways, t.shots, t.query_shots, seed=cfg.seed)
-    # Classification unless the dataset says otherwise (sinusoids are regression).
-    task: TaskKind = getattr(dataset, "task", CLASSIFICATION)
-    # Fail now, not after training, if the evaluation episodes are impossible.
-    e = cfg.eval
-    for split in ("val", "test"):
-        fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed)
-    backbone = hardware.compile_backbone(instantiate(cfg.model)(input_shape=dataset.image_shape))
-    algo = hardware.prepare(instantiate(cfg.algo)(backbone=backbone, task=task))
     optimizer = meta_optimizer(algo, t)
     scheduler = lr_scheduler(optimizer, t)
     state = TrainState()
@@ -212,29 +205,10 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
             return {}
         if (run_dir / "checkpoints" / BEST).exists():
             algo.load_state_dict(checkpoint.load(run_dir / "checkpoints" / BEST)["algo"])
-        test_sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
-        m = task.metric  # "acc", or "mse" for regression
-        test = evaluate(algo, test_sampler, e.test_episodes, hardware, task.score, m)
-        log.info("test %s", test)
-        logger.log(state.iteration, {f"test/{m}": test.mean, "test/ci95": test.ci95})
-        if test.extra:  # per-episode metrics of the algorithm (MANN: accuracy by instance)
-            log.info("test %s", {k: round(v["mean"], 4) for k, v in test.extra.items()})
-            logger.log(state.iteration, {f"test/{k}": v["mean"] for k, v in test.extra.items()})
-        after_steps = {}  # the same test episodes after other numbers of adaptation steps
-        scores = {"metric": m, "episode_seed": e.episode_seed, "episodes": test.scores}
-        for steps in e.report_steps:
-            sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
-            result = evaluate(algo, sampler, e.test_episodes, hardware, task.score, m, steps)
-            log.info("test after %d adaptation steps: %s", steps, result)
-            logger.log(state.iteration, {f"test/{m}_step{steps}": result.mean})
-            after_steps[str(steps)] = {m: result.mean, "ci95": result.ci95}
-            scores.setdefault("after_steps", {})[str(steps)] = result.scores
-        # Each test episode's score, for paired comparisons and tails (scripts/episode_scores.py).
-        (run_dir / "test_scores.json").write_text(json.dumps(scores) + "\n")
-        if hasattr(dataset, "figures"):  # e.g. a few adapted sinusoid curves
-            sampler = fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
-            for tag, image in dataset.figures(algo, sampler, e.report_steps).items():
-                logger.tb.add_image(f"test/{tag}", image, state.iteration)
+        test, test_block = test_and_report(
+            algo, dataset, pools, task, e, hardware, logger, state.iteration, run_dir
+        )
+        m = task.metric
         best_val = state.best_val_acc if task.higher_is_better else -state.best_val_acc
         summary = {
             f"val/{m}": best_val if state.best_iteration >= 0 else float("nan"),
@@ -244,9 +218,7 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         hparams = _hparams(config)
         logger.tb.add_hparams(hparams, {f"hparam/test_{m}": test.mean}, run_name=".")
         results = {
-            "test": {m: test.mean, "ci95": test.ci95, "episodes": test.episodes}
-            | ({"after_steps": after_steps} if after_steps else {})
-            | ({"episode_metrics": test.extra} if test.extra else {}),
+            "test": test_block,
             "val": {f"best_{m}": summary[f"val/{m}"], "best_iteration": state.best_iteration},
             "protocol": _protocol(cfg, pools, algo),
             "training": {
@@ -260,11 +232,7 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
                 "hardware": hardware.describe(),
                 "cpu": platform.processor() or platform.machine(),
             },
-            "versions": {
-                "metarun": metarun.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": _versions(),
             "config": config,
         }
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -272,6 +240,106 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
     finally:
         logger.close()
         parallel.close()
+
+
+def build(cfg: DictConfig, hardware: Any) -> tuple[Any, dict, TaskKind, torch.nn.Module]:
+    """The config's dataset, its train/val/test pools, the task kind and the algorithm (with
+    its backbone), on ``hardware``. Fails at once if the evaluation episodes are impossible."""
+    dataset = instantiate(cfg.dataset)
+    pools = {split: dataset.pool(split) for split in ("train", "val", "test")}
+    # Classification unless the dataset says otherwise (sinusoids are regression).
+    task: TaskKind = getattr(dataset, "task", CLASSIFICATION)
+    e = cfg.eval
+    for split in ("val", "test"):
+        fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed)
+    backbone = hardware.compile_backbone(instantiate(cfg.model)(input_shape=dataset.image_shape))
+    algo = hardware.prepare(instantiate(cfg.algo)(backbone=backbone, task=task))
+    return dataset, pools, task, algo
+
+
+# What ``test=`` may change in the tested run's config: how it is tested, on what, where.
+RETEST_KEYS = ("eval", "hardware", "data_dir", "cache_dir")
+
+
+def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[str, Any]:
+    """Tests a trained run again, e.g. on more or other test episodes: ``metarun
+    test=RUN_DIR eval.test_episodes=20000 eval.episode_seed=1``. ``RUN_DIR`` gives its
+    ``best.pt`` (``last.pt`` if it has none); a ``.pt`` file gives that checkpoint. The
+    run's saved config is used, changed only by the ``eval.*`` and ``hardware`` overrides
+    in ``overrides`` (the command line's); the data folders are this machine's when set
+    (``METARUN_DATA``, ``METARUN_CACHE``, ``data_dir=``), else the run's. Writes
+    ``results.json`` and ``test_scores.json`` to ``run_dir`` (a new folder: the tested run
+    is left as it is) and returns the ``test`` entry of ``results.json``.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``cfg.test``.
+        ValueError: an override of anything else (the model or the algorithm must stay as
+            they were trained), or a task-stream run.
+    """
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    keys = [k for k in keys if k != "test"]
+    for key in keys:
+        if key.split(".")[0] not in RETEST_KEYS:
+            raise ValueError(
+                f"test= tests a trained run with its saved config, so {key} cannot be "
+                f"changed; only eval.* (episodes, episode_seed, report_steps, ...), hardware "
+                f"and data_dir/cache_dir can. Train a new run to change the rest."
+            )
+    source = Path(cfg.test).expanduser().resolve()
+    path = source
+    if source.is_dir():
+        path = source / "checkpoints" / BEST
+        if not path.exists():
+            path = source / "checkpoints" / LAST
+        if not path.exists():
+            raise FileNotFoundError(
+                f"test={cfg.test}: no checkpoints/{BEST} or checkpoints/{LAST} in that folder. "
+                f"Give a run folder that metarun wrote, or a checkpoint file (.pt)."
+            )
+    saved = checkpoint.load(path)
+    test_cfg = OmegaConf.create(saved["config"])
+    for key in keys:
+        OmegaConf.update(test_cfg, key, OmegaConf.select(cfg, key), merge=False)
+    for key, folder in (("data_dir", "root"), ("cache_dir", "cache_dir")):
+        if cfg[key] is None:  # not set here (METARUN_DATA, METARUN_CACHE): the run's own
+            continue
+        if test_cfg.dataset.get(folder, "") == test_cfg.get(key):  # it came from ${data_dir}
+            test_cfg.dataset[folder] = cfg[key]
+        test_cfg[key] = cfg[key]
+    from metarun.continual.loop import wants_stream
+
+    if wants_stream(test_cfg):
+        raise ValueError(
+            f"test={cfg.test} is a task-stream (lifelong) run: its results.json already holds "
+            f"its evaluation after every task; test= re-tests meta-learning runs."
+        )
+    check_eval_budget(test_cfg.eval)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hardware = instantiate(test_cfg.hardware)
+    dataset, pools, task, algo = build(test_cfg, hardware)
+    algo.load_state_dict(saved["algo"])
+    trained = test_cfg.train.iterations
+    if saved["iteration"] < trained and not test_cfg.train.get("max_minutes"):
+        log.warning("%s stopped at iteration %d of %d", path, saved["iteration"], trained)
+    log.info("testing %s (iteration %d), run folder %s", path, saved["iteration"], run_dir)
+    OmegaConf.save(test_cfg, run_dir / "config.yaml", resolve=True)
+    logger = RunLogger(run_dir, saved["iteration"], saved["iteration"], test_cfg.log_every)
+    try:
+        _, block = test_and_report(
+            algo, dataset, pools, task, test_cfg.eval, hardware, logger, saved["iteration"], run_dir
+        )
+    finally:
+        logger.close()
+    results = {
+        "test": block,
+        "tested": {"checkpoint": str(path), "iteration": saved["iteration"]},
+        "protocol": _protocol(test_cfg, pools, algo),
+        "versions": _versions(),
+        "config": OmegaConf.to_container(test_cfg, resolve=True),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return block
 
 
 def train(
@@ -379,6 +447,53 @@ def train(
             break
 
 
+def test_and_report(
+    algo: torch.nn.Module,
+    dataset: Any,
+    pools: dict,
+    task: TaskKind,
+    e: DictConfig,
+    hardware: Any,
+    logger: RunLogger,
+    iteration: int,
+    run_dir: Path,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Tests ``algo`` on the fixed test episodes of ``e`` (``eval``), and again after each of
+    ``e.report_steps``; logs the numbers, writes each episode's score to
+    ``test_scores.json`` and the dataset's figures (adapted sinusoid curves) to TensorBoard.
+    Returns the test result and the ``test`` entry of ``results.json``."""
+    m = task.metric  # "acc", or "mse" for regression
+
+    def episodes() -> EpisodeSampler:  # the same episodes, in the same order, every time
+        return fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
+
+    test = evaluate(algo, episodes(), e.test_episodes, hardware, task.score, m)
+    log.info("test %s", test)
+    logger.log(iteration, {f"test/{m}": test.mean, "test/ci95": test.ci95})
+    if test.extra:  # per-episode metrics of the algorithm (MANN: accuracy by instance)
+        log.info("test %s", {k: round(v["mean"], 4) for k, v in test.extra.items()})
+        logger.log(iteration, {f"test/{k}": v["mean"] for k, v in test.extra.items()})
+    after_steps = {}  # the same test episodes after other numbers of adaptation steps
+    scores = {"metric": m, "episode_seed": e.episode_seed, "episodes": test.scores}
+    for steps in e.report_steps:
+        result = evaluate(algo, episodes(), e.test_episodes, hardware, task.score, m, steps)
+        log.info("test after %d adaptation steps: %s", steps, result)
+        logger.log(iteration, {f"test/{m}_step{steps}": result.mean})
+        after_steps[str(steps)] = {m: result.mean, "ci95": result.ci95}
+        scores.setdefault("after_steps", {})[str(steps)] = result.scores
+    # Each test episode's score, for paired comparisons and tails (scripts/episode_scores.py).
+    (run_dir / "test_scores.json").write_text(json.dumps(scores) + "\n")
+    if hasattr(dataset, "figures"):  # e.g. a few adapted sinusoid curves
+        for tag, image in dataset.figures(algo, episodes(), e.report_steps).items():
+            logger.tb.add_image(f"test/{tag}", image, iteration)
+    block = (
+        {m: test.mean, "ci95": test.ci95, "episodes": test.episodes}
+        | ({"after_steps": after_steps} if after_steps else {})
+        | ({"episode_metrics": test.extra} if test.extra else {})
+    )
+    return test, block
+
+
 def check_eval_budget(e: DictConfig) -> None:
     """Refuses validation or test settings that cannot be run, with the fix.
 
@@ -457,6 +572,14 @@ def _protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, 
     }
 
 
+def _versions() -> dict[str, str]:
+    return {
+        "metarun": metarun.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def _hparams(config: dict) -> dict[str, Any]:
     """Flattened scalar config values for TensorBoard's HPARAMS tab."""
     flat: dict[str, Any] = {}
@@ -469,5 +592,6 @@ def _hparams(config: dict) -> dict[str, Any]:
         elif isinstance(node, (int, float, str, bool)):
             flat[prefix[:-1]] = node
 
-    walk("", {k: v for k, v in config.items() if k not in ("data_dir", "cache_dir", "resume")})
+    machine_or_mode = ("data_dir", "cache_dir", "resume", "test")
+    walk("", {k: v for k, v in config.items() if k not in machine_or_mode})
     return flat

@@ -9,13 +9,14 @@ Usage:
 
 ``--steps N`` reads the scores after N adaptation steps (one of the run's
 ``eval.report_steps``) instead of the test's own. A run that finished before metarun wrote
-this file gets it from ``metarun resume=RUN_DIR``, which tests the finished run again.
+this file gets it from ``metarun test=RUN_DIR``, which tests the run again into a new folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -40,8 +41,8 @@ def load(run_dir: Path, steps: int | None) -> tuple[list[float], str, dict]:
     if not path.exists():
         sys.exit(
             f"{path} does not exist: the run has not finished its test, or finished before "
-            f"metarun wrote per-episode scores; `metarun resume={run_dir}` tests it again "
-            "and writes the file."
+            f"metarun wrote per-episode scores; `metarun test={run_dir}` tests it again "
+            "into a new run folder, with the file."
         )
     scores = json.loads(path.read_text())
     protocol = json.loads((run_dir / "results.json").read_text())["protocol"]
@@ -57,18 +58,30 @@ def load(run_dir: Path, steps: int | None) -> tuple[list[float], str, dict]:
 
 
 def describe(name: str, scores: list[float], metric: str) -> None:
-    """Prints the mean ± 95% CI, the median and quartiles, and the worst episodes."""
-    ordered = sorted(scores)
-    n = len(ordered)
+    """Prints the mean ± 95% CI, the median and quartiles, and the worst episodes. Scores
+    that are not finite (an MSE that diverged to inf or NaN) count as the worst; they are
+    named, and the mean of the finite ones is printed beside the (infinite) mean."""
+    n = len(scores)
+    lower_is_better = metric != "acc"
+    worst_value = math.inf if lower_is_better else -math.inf
+    ranked = [x if math.isfinite(x) else worst_value for x in scores]
+    ordered = sorted(ranked)
     mean, ci95 = mean_ci95(scores)
     q = [ordered[min(n - 1, int(p * n))] for p in (0.25, 0.5, 0.75)]
-    lower_is_better = metric != "acc"
-    worst = sorted(range(n), key=lambda i: scores[i], reverse=lower_is_better)[:5]
+    worst = sorted(range(n), key=lambda i: ranked[i], reverse=lower_is_better)[:5]
     print(f"{name}: {n} episodes, {metric} {mean:.4f} ± {ci95:.4f}")
     print(f"  quartiles {q[0]:.4f} / median {q[1]:.4f} / {q[2]:.4f}", end="; ")
     print(f"min {ordered[0]:.4g}, max {ordered[-1]:.4g}")
     print("  worst episodes (index: score): " + ", ".join(f"{i}: {scores[i]:.4g}" for i in worst))
-    if lower_is_better and mean > 0:
+    diverged = [i for i, x in enumerate(scores) if not math.isfinite(x)]
+    if diverged:
+        finite = [x for x in scores if math.isfinite(x)]
+        shown = ", ".join(map(str, diverged[:10])) + (", ..." if len(diverged) > 10 else "")
+        print(f"  {len(diverged)} episode(s) not finite (diverged): {shown}")
+        if finite:
+            m, c = mean_ci95(finite)
+            print(f"  mean of the {len(finite)} finite episodes: {metric} {m:.4f} ± {c:.4f}")
+    elif lower_is_better and mean > 0:
         tail = max(1, n // 100)
         share = sum(scores[i] for i in worst[:tail]) / (mean * n)
         print(f"  the worst {tail} episode(s) make up {100 * share:.1f}% of the mean")

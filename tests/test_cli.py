@@ -19,8 +19,11 @@ from tests.conftest import tiny_overrides
 METARUN = shutil.which("metarun", path=str(Path(sys.executable).parent)) or "metarun"
 
 
-def metarun(*args: str, cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def metarun(
+    *args: str, cwd: Path, timeout: float = 300, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Runs the ``metarun`` command; ``unset`` names environment variables to leave out."""
+    env = {k: v for k, v in os.environ.items() if k not in unset} | {"PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [METARUN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -115,6 +118,47 @@ def test_resume_refuses_other_overrides(tmp_path):
     done = metarun(f"resume={tmp_path}", "train.iterations=9", cwd=tmp_path)
     assert done.returncode == 2
     assert "drop the other overrides (train.iterations=9)" in done.stderr
+
+
+def test_test_mode_repeats_a_runs_test_and_tests_it_on_other_episodes(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    done = metarun(*tiny, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    own = json.loads((run_dir / "test_scores.json").read_text())
+
+    data = [o for o in tiny if o.startswith(("data_dir=", "cache_dir="))]
+    again = metarun(f"test={run_dir}", *data, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again" / "test_scores.json").read_text()) == own
+    results = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert results["tested"]["checkpoint"] == str(run_dir / "checkpoints" / "best.pt")
+    assert results["protocol"] == json.loads((run_dir / "results.json").read_text())["protocol"]
+
+    other = tmp_path / "other"
+    args = ["eval.episode_seed=1", "eval.test_episodes=9", "hardware.num_threads=1"]
+    last = run_dir / "checkpoints" / "last.pt"
+    # Without METARUN_DATA or data_dir=, the tested run's own data folders are used.
+    unset = ("METARUN_DATA", "METARUN_CACHE")
+    done = metarun(f"test={last}", *args, f"hydra.run.dir={other}", cwd=tmp_path, unset=unset)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((other / "results.json").read_text())
+    assert results["test"]["episodes"] == 9 and results["protocol"]["episode_seed"] == 1
+    assert results["tested"] == {"checkpoint": str(last), "iteration": 4}
+    assert results["config"]["hardware"]["num_threads"] == 1
+    assert json.loads((other / "test_scores.json").read_text())["episodes"][:6] != own["episodes"]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_test_mode_refuses_training_overrides_and_folders_without_checkpoints(tmp_path):
+    done = metarun(f"test={tmp_path}", "eval.test_episodes=9", "model.hidden=16", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "model.hidden cannot be changed; only eval.*" in done.stderr
+    done = metarun(f"test={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"test={tmp_path}: no checkpoints/best.pt or checkpoints/last.pt" in done.stderr
+    done = metarun(f"test={tmp_path}", f"resume={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 2 and "give one of them" in done.stderr
 
 
 def test_unknown_option_fails_at_start_naming_the_choices(tmp_path):

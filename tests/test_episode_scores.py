@@ -21,11 +21,11 @@ PROTOCOL = {
 }
 
 
-def fake_run(folder: Path, scores: list[float], **protocol) -> Path:
+def fake_run(folder: Path, scores: list[float], metric: str = "acc", **protocol) -> Path:
     """A run folder with the two files the script reads, as the runner writes them."""
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps({"protocol": PROTOCOL | protocol}))
-    body = {"metric": "acc", "episode_seed": 0, "episodes": scores, "after_steps": {"5": scores}}
+    body = {"metric": metric, "episode_seed": 0, "episodes": scores, "after_steps": {"5": scores}}
     (folder / "test_scores.json").write_text(json.dumps(body))
     return folder
 
@@ -72,4 +72,18 @@ def test_one_run_reports_its_worst_episodes_and_missing_files_name_the_fix(tmp_p
     assert done.returncode != 0 and "has no scores after 3 adaptation steps" in done.stderr
     (tmp_path / "empty").mkdir()
     done = script(tmp_path / "empty")
-    assert done.returncode != 0 and "metarun resume=" in done.stderr
+    assert done.returncode != 0 and "metarun test=" in done.stderr
+
+
+def test_diverged_episodes_rank_worst_and_the_finite_mean_is_given(tmp_path):
+    scores = [0.1 * (i % 7) + 0.05 for i in range(40)]
+    scores[3], scores[30] = math.nan, math.inf  # 10 SGD steps can diverge on a rare task
+    done = script(fake_run(tmp_path / "a", scores, metric="mse"))
+    assert done.returncode == 0, done.stderr
+    assert "worst episodes (index: score): 3: nan, 30: inf" in done.stdout
+    assert "2 episode(s) not finite (diverged): 3, 30" in done.stdout
+    finite = [x for x in scores if math.isfinite(x)]
+    mean = sum(finite) / 38
+    ci = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in finite) / 37) / math.sqrt(38)
+    assert f"mean of the 38 finite episodes: mse {mean:.4f} ± {ci:.4f}" in done.stdout
+    assert "max inf" in done.stdout

@@ -104,6 +104,24 @@ def test_mlp_init_std_initialises_its_layers_and_the_head_put_on_it_as_maml_code
         MLP((1,), hidden_sizes=(40,), init_std=-1)
 
 
+def test_a_test_whose_adaptation_diverges_says_how_many_episodes_did():
+    from metarun.evaluation import evaluate
+    from metarun.hardware import Hardware
+
+    hardware = Hardware(device="cpu")
+    results = {}
+    for fast_lr in (0.01, 3.0):  # the paper's inner step size, and one far too large
+        torch.manual_seed(0)
+        backbone = MLP((1,), hidden_sizes=(40, 40), batch_norm=False)
+        maml = MAML(backbone, 1, fast_lr, 1, 10, task=REGRESSION)
+        sampler = Sinusoid().pool("test").sampler(1, 5, 20, seed=0)
+        results[fast_lr] = evaluate(maml, sampler, 8, hardware, REGRESSION.score, "mse")
+    calm, wild = results[0.01], results[3.0]
+    assert all(math.isfinite(x) for x in calm.scores) and "not finite" not in str(calm)
+    diverged = sum(not math.isfinite(x) for x in wild.scores)
+    assert diverged > 0 and str(wild).endswith(f"(8 episodes, {diverged} not finite)")
+
+
 def test_protonet_refuses_regression_with_a_clear_error():
     from metarun.algorithms import ProtoNet
 
