@@ -276,8 +276,7 @@ def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[s
         ValueError: an override of anything else (the model or the algorithm must stay as
             they were trained), or a task-stream run.
     """
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    keys = [k for k in keys if k != "test"]
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("test=")]
     for key in keys:
         if key.split(".")[0] not in RETEST_KEYS:
             raise ValueError(
@@ -285,13 +284,11 @@ def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[s
                 f"changed; only eval.* (episodes, episode_seed, report_steps, ...), hardware "
                 f"and data_dir/cache_dir can. Train a new run to change the rest."
             )
-    source = Path(cfg.test).expanduser().resolve()
-    path = source
-    if source.is_dir():
-        path = source / "checkpoints" / BEST
-        if not path.exists():
-            path = source / "checkpoints" / LAST
-        if not path.exists():
+    path = Path(cfg.test).expanduser().resolve()
+    if path.is_dir():
+        found = [path / "checkpoints" / name for name in (BEST, LAST)]
+        path = next((ckpt for ckpt in found if ckpt.exists()), None)
+        if path is None:
             raise FileNotFoundError(
                 f"test={cfg.test}: no checkpoints/{BEST} or checkpoints/{LAST} in that folder. "
                 f"Give a run folder that metarun wrote, or a checkpoint file (.pt)."
