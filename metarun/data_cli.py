@@ -111,7 +111,43 @@ def verify_omniglot(folder: Path) -> list[Finding]:
                     f"expected {n_chars} x {DRAWINGS}",
                 )
             )
+        source = zipped if zipped.exists() else extracted
+        findings += _decode_every_image(source, name, members)
     return findings
+
+
+def _decode_every_image(source: Path, name: str, members: list[str]) -> list[Finding]:
+    """Reads every image of an Omniglot archive or folder (a zip checks each member's CRC
+    as it reads it) and decodes it as ``metarun`` will; names each one that fails."""
+    import zipfile
+
+    from metarun.data.omniglot import decode_image
+
+    bad: list[str] = []
+    archive = zipfile.ZipFile(source) if source.is_file() else None
+    try:
+        for member in members:
+            try:
+                if archive is not None:
+                    data = archive.read(member)
+                else:
+                    data = (source / member.split("/", 1)[1]).read_bytes()
+                decode_image(data, 28)
+            except Exception as err:  # noqa: BLE001 - each failure is reported by name
+                bad.append(f"{member}: {err}")
+    finally:
+        if archive is not None:
+            archive.close()
+    if not bad:
+        return [(OK, f"{name}: all {len(members)} images read and decoded")]
+    shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+    return [
+        (
+            ERROR,
+            f"{name}: {len(bad)} of {len(members)} images cannot be read or decoded; replace "
+            f"{source.name} with a good copy:\n  {shown}",
+        )
+    ]
 
 
 def verify_miniimagenet(folder: Path) -> list[Finding]:
@@ -215,7 +251,7 @@ def verify_mnist(folder: Path) -> list[Finding]:
     return findings
 
 
-# The keys of metarun.learn2learn_adapter.SPECS, named here so that `--help` imports no torch
+# The keys of metarun.metarun.data.learn2learn.SPECS, named here so that `--help` imports no torch
 # (a test keeps the two equal).
 L2L_DATASETS = (
     "tiered_imagenet",
@@ -231,7 +267,7 @@ L2L_DATASETS = (
 
 def _verify_learn2learn(name: str) -> Callable[[Path], list[Finding]]:
     def verify(folder: Path) -> list[Finding]:
-        from metarun.learn2learn_adapter import expected_files_text, missing_files
+        from metarun.data.learn2learn import expected_files_text, missing_files
 
         missing = missing_files(name, folder)
         if missing:
@@ -259,7 +295,7 @@ VERIFIERS: dict[str, Callable[[Path], list[Finding]]] = {
 
 
 def cmd_list(data: Path, cache: Path) -> int:
-    from metarun.learn2learn_adapter import SPECS, learn2learn_version
+    from metarun.data.learn2learn import SPECS, learn2learn_version
 
     version = learn2learn_version()
     print(f"data folder:  {data}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,8 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run starts
 
         self.path = run_dir / "metrics.jsonl"
-        if start_iteration > 0 and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["iteration"] <= start_iteration
-            ]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+        if self.path.exists():
+            _keep_until(self.path, start_iteration)
         self.jsonl = open(self.path, "a")
         self.tb = SummaryWriter(
             str(run_dir), purge_step=start_iteration + 1 if start_iteration else None
@@ -95,11 +91,36 @@ class RunLogger:
                 _duration(eta),
             )
 
+    def flush(self) -> None:
+        """Puts every line and event logged so far on the disk (``fsync``); called before
+        each checkpoint, so that after a crash every iteration up to the checkpoint is in
+        ``metrics.jsonl``."""
+        self.jsonl.flush()
+        os.fsync(self.jsonl.fileno())
+        self.tb.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
         self.tb.close()
+
+
+def _keep_until(path: Path, iteration: int) -> None:
+    """Keeps the lines of ``metrics.jsonl`` up to ``iteration`` (those the checkpoint a run
+    resumes from covers), so the resumed run logs every later iteration exactly once; a
+    line cut short by a killed process is dropped. Rewritten atomically."""
+    from metarun.data.files import atomic_write
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a process killed mid-write
+        if record["iteration"] <= iteration:
+            kept.append(line)
+    atomic_write("".join(f"{line}\n" for line in kept).encode(), path)
 
 
 def _duration(seconds: float) -> str:
@@ -132,6 +153,9 @@ class NullLogger:
         tasks_per_iteration: int,
         metric: str = "acc",
     ) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self) -> None:

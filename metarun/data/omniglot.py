@@ -228,16 +228,22 @@ def _decode_files(files: dict, size: int) -> tuple[list[str], torch.Tensor]:
     out = torch.empty(len(chars), DRAWINGS, 1, size, size, dtype=torch.uint8)
     for i, char in enumerate(chars):
         for j, member in enumerate(sorted(by_char[char])):
-            out[i, j] = decode_image(files[member](), size)
+            try:
+                out[i, j] = decode_image(files[member](), size)
+            except (OSError, ValueError, zipfile.BadZipFile) as err:
+                raise OSError(f"cannot read or decode {member}: {err}") from err
     return chars, out
 
 
 def decode_image(data: bytes, size: int) -> torch.Tensor:
     """An Omniglot PNG (dark strokes on white) -> ``(1, size, size)`` uint8, resized
     (Lanczos) and inverted so strokes are bright; also used for Lake's one-shot runs."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    img = Image.open(io.BytesIO(data)).convert("L")
+    try:
+        img = Image.open(io.BytesIO(data)).convert("L")
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image Pillow can read ({len(data)} bytes)") from None
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return 255 - pixels.view(1, size, size)

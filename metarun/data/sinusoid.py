@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from metarun.algorithms.base import REGRESSION
 from metarun.data.episodes import Episode, EpisodeError
+from metarun.tasks import REGRESSION
 
 SPLITS = ("train", "val", "test")
 
