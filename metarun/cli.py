@@ -5,6 +5,7 @@ metarun experiment=protonet_omniglot_5w1s
 metarun --multirun algo=maml,protonet seed=0,1
 metarun resume=outputs/runs/2026-11-22/10-00-00
 metarun test=outputs/runs/2026-11-22/10-00-00 eval.test_episodes=6000
+metarun report outputs/multirun/2026-11-22/10-00-00   (metarun.report)
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 def main() -> None:
     """Console entry point (``[project.scripts] metarun``)."""
+    if sys.argv[1:2] == ["report"]:  # metarun report RUN_OR_SWEEP...: compare finished runs
+        from metarun.report import main as report
+
+        sys.exit(report(sys.argv[2:]))
     register_configs()
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:  # under torchrun only rank 0 writes the run folder (metarun.distributed)
