@@ -26,8 +26,10 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from metarun.config import register_configs  # noqa: E402
+from metarun.resolvers import register_resolvers, sweep_overrides  # noqa: E402
 
 log = logging.getLogger("metarun")
+register_resolvers()  # here too: a sweep's worker processes (joblib) import only this module
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
@@ -116,6 +118,8 @@ def main() -> None:
     ):
         # A resumed run logs into its own folder's metarun.log, and Hydra makes no new one.
         sys.argv += [f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
+    if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:  # folders named by what differs
+        sys.argv += sweep_overrides(sys.argv[1:])
     _main()
 
 

@@ -422,7 +422,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 
 def register_configs() -> None:
-    """Registers the schemas with Hydra's ConfigStore (called by the CLI and tests)."""
+    """Registers the schemas with Hydra's ConfigStore, and metarun's OmegaConf resolvers
+    (:mod:`metarun.resolvers`), for the CLI and tests."""
+    from metarun.resolvers import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="metarun_schema", node=RunConfig)
     for group, nodes in SCHEMAS.items():
