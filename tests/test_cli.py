@@ -263,3 +263,40 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(make_cfg, tmp
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert last["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in last["algo"].values() if v.is_floating_point())
+
+
+def test_help_shows_the_user_facing_groups_the_data_folder_and_the_other_commands(tmp_path):
+    done = metarun("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "schema/" not in out  # the internal schema groups stay out of it
+    for line in (
+        "  logger: csv, mlflow, tensorboard, wandb",
+        "  debug: tiny",
+        "  hardware: auto, cpu, cuda",
+        "  model: conv4, mlp, mlp_sinusoid, resnet12",
+    ):
+        assert line in out.splitlines(), line
+    assert "  algo: anil," in out and "  experiment: anil_omniglot_5w1s," in out
+    assert f"METARUN_DATA (or data_dir=...), now: {os.environ['METARUN_DATA']}" in out
+    for command in ("metarun report RUN_OR_SWEEP", "metarun-data list", "metarun-lake"):
+        assert command in out
+
+
+def test_debug_preset_runs_a_config_in_seconds_into_a_folder_named_by_algorithm(
+    data_dir, cache_dir, tmp_path
+):
+    done = metarun(
+        "debug=tiny",
+        "algo=protonet",
+        "hardware=cpu",
+        "hardware.num_threads=1",
+        f"data_dir={data_dir}",
+        f"cache_dir={cache_dir}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert run_dir.name.endswith("_protonet_omniglot")  # <time>_<algo>_<dataset>
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["training"]["iterations"] == 6 and results["test"]["episodes"] == 8
