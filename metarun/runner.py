@@ -162,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         return evaluate(algo, sampler, e.val_episodes, hardware, task.score, task.metric)
 
     logger = (RunLogger if parallel.is_main else NullLogger)(
-        run_dir, t.iterations, state.iteration, cfg.log_every
+        run_dir, t.iterations, state.iteration, cfg.log_every, loggers=cfg.get("logger")
     )
     log.info(
         "%s on %s (%s split): %s/%s/%s train/val/test classes, %s, run folder %s",

@@ -208,3 +208,60 @@ def test_a_backend_whose_package_is_missing_is_refused_with_the_extra(monkeypatc
     )
     with pytest.raises(ValueError, match=r"logger=wandb needs the package wandb.*metarun\[wandb\]"):
         check_loggers(cfg)
+
+
+def test_a_run_writes_the_same_scalars_to_every_configured_logger(data_dir, cache_dir, tmp_path):
+    """End to end: ``metarun logger=[tensorboard,csv,mlflow,wandb]``, a tiny run; the CSV
+    file, the MLflow file store and the W&B offline run hold TensorBoard's scalars."""
+    import os
+    import subprocess
+
+    from metarun.loggers.csv import read_csv
+    from tests.conftest import tiny_overrides
+    from tests.test_cli import METARUN
+
+    names = ["tensorboard", "csv"] + [
+        n for n in ("mlflow", "wandb") if importlib.util.find_spec(n) is not None
+    ]
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [
+            METARUN,
+            *tiny_overrides(data_dir, cache_dir),
+            "hardware.num_threads=1",
+            f"logger=[{','.join(names)}]",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_SILENT": "true"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    tb = tensorboard_scalars(run_dir)
+    assert {"train/loss", "train/acc", "val/acc", "test/acc", "perf/tasks_per_s"} <= set(tb)
+    assert_same(read_csv(run_dir / "metrics.csv"), tb)
+    if "mlflow" in names:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+        (run,) = client.search_runs([client.get_experiment_by_name("metarun").experiment_id])
+        series = {
+            tag: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag))
+            for tag in run.data.metrics
+        }
+        assert_same(series, tb)
+    if "wandb" in names:
+        history: dict[str, list[tuple[int, float]]] = {}
+        for record in wandb_records(run_dir):
+            if record.WhichOneof("record_type") == "history":
+                items = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in record.history.item
+                }
+                step = items.pop("_step")
+                for tag, value in items.items():
+                    if not tag.startswith("_"):
+                        history.setdefault(tag, []).append((step, float(value)))
+        assert_same({t: sorted(p) for t, p in history.items()}, tb)

@@ -180,7 +180,7 @@ def run_stream(
             run_dir / "checkpoints" / LAST,
         )
 
-    logger = RunLogger(run_dir, total, state.iteration, cfg.log_every)
+    logger = RunLogger(run_dir, total, state.iteration, cfg.log_every, cfg.get("logger"))
     log.info(
         "%s on %s: %d tasks (%s-incremental), %d updates, %s, run folder %s",
         type(method).__name__,
