@@ -357,9 +357,6 @@ def _label(groups: list[Group], ignore: tuple[str, ...]) -> None:
 
 # ---------------------------------------------------------------------------- tables
 
-META_VALUES = ("val", "test", "test/ci95", "time", "tasks/s")
-CONTINUAL_VALUES = ("acc_or_mse", "bwt", "fwt", "forgetting", "time")
-
 
 def _summarise(group: Group) -> None:
     m = group.first.metric
