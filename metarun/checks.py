@@ -56,6 +56,12 @@ def check_config(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if isinstance(node, DictConfig) and node.get("_target_") in by_target:
             _check_node(node, by_target[node._target_], f"{group}.")
+    from metarun.loggers import check_loggers
+
+    for name, node in (cfg.get("logger") or {}).items():
+        if isinstance(node, DictConfig) and node.get("_target_") in by_target:
+            _check_node(node, by_target[node._target_], f"logger.{name}.")
+    check_loggers(cfg.get("logger"))
     e = cfg.eval
     if e.val_every > 0 and e.val_episodes < 1:
         raise ConfigError(

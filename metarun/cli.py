@@ -6,6 +6,7 @@ metarun experiment=protonet_omniglot_5w1s
 metarun --multirun algo=maml,protonet seed=0,1
 metarun resume=outputs/runs/2026-11-22/10-00-00 [train.meta_lr=...]
 metarun test=outputs/runs/2026-11-22/10-00-00 eval.test_episodes=6000
+metarun report outputs/multirun/2026-11-22/10-00-00   (metarun.report)
 
 Exit status: 0 when the run (every job of a sweep) succeeded; 2 for a problem with the
 input (config, data, checkpoint: the message says which and how to fix it); 1 when a job of
@@ -35,8 +36,10 @@ from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from metarun.config import register_configs  # noqa: E402
+from metarun.resolvers import register_resolvers, sweep_overrides  # noqa: E402
 
 log = logging.getLogger("metarun")
+register_resolvers()  # here too: a sweep's worker processes (joblib) import only this module
 
 FAILURE = "failure.json"  # written into a sweep job's folder when the job fails
 _sweep_failures: list[dict[str, Any]] = []
@@ -188,6 +191,10 @@ def _claim_run_folder(argv: list[str]) -> None:
 
 def main() -> None:
     """Console entry point (``[project.scripts] metarun``)."""
+    if sys.argv[1:2] == ["report"]:  # metarun report RUN_OR_SWEEP...: compare finished runs
+        from metarun.report import main as report
+
+        sys.exit(report(sys.argv[2:]))
     register_configs()
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:  # under torchrun only rank 0 writes the run folder (metarun.distributed)
@@ -205,6 +212,8 @@ def main() -> None:
     ):
         # A resumed run logs into its own folder's metarun.log, and Hydra makes no new one.
         sys.argv += [f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
+    if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:  # folders named by what differs
+        sys.argv += sweep_overrides(sys.argv[1:])
     _main()
     if _sweep_failures:
         sys.exit(1)

@@ -76,6 +76,7 @@ class RunConfig:
     resume: str | None = None
     test: str | None = None  # a trained run to test again (metarun.runner.retest)
     scenario: Any = None  # a task stream (configs/scenario): lifelong learning instead
+    logger: Any = None  # {name: backend} of configs/logger (metarun.loggers.build_loggers)
 
 
 @dataclass
@@ -331,6 +332,37 @@ class HardwareConfig:
     compile_backend: str = "inductor"  # inductor | eager (or any torch.compile backend)
 
 
+@dataclass
+class TensorBoardLoggerConfig:
+    _target_: str = "metarun.loggers.TensorBoardLogger"
+    _partial_: bool = True
+
+
+@dataclass
+class CSVLoggerConfig:
+    _target_: str = "metarun.loggers.CSVLogger"
+    _partial_: bool = True
+    filename: str = MISSING  # in the run folder
+
+
+@dataclass
+class WandbLoggerConfig:
+    _target_: str = "metarun.loggers.WandbLogger"
+    _partial_: bool = True
+    project: str = MISSING
+    entity: str | None = MISSING
+    mode: str = MISSING  # offline | online | disabled
+    tags: list[str] = MISSING
+
+
+@dataclass
+class MLflowLoggerConfig:
+    _target_: str = "metarun.loggers.MLflowLogger"
+    _partial_: bool = True
+    experiment_name: str = MISSING
+    tracking_uri: str | None = MISSING  # None: a file store in the run folder
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "schema/algo": {
         "maml": MAMLConfig,
@@ -359,11 +391,21 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "schema/model": {"conv4": Conv4Config, "mlp": MLPConfig, "resnet12": ResNet12Config},
     "schema/hardware": {"hardware": HardwareConfig},
     "schema/scenario": SCENARIO_SCHEMAS,
+    "schema/logger": {
+        "tensorboard": TensorBoardLoggerConfig,
+        "csv": CSVLoggerConfig,
+        "wandb": WandbLoggerConfig,
+        "mlflow": MLflowLoggerConfig,
+    },
 }
 
 
 def register_configs() -> None:
-    """Registers the schemas with Hydra's ConfigStore (called by the CLI and tests)."""
+    """Registers the schemas with Hydra's ConfigStore, and metarun's OmegaConf resolvers
+    (:mod:`metarun.resolvers`), for the CLI and tests."""
+    from metarun.resolvers import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="metarun_schema", node=RunConfig)
     for group, nodes in SCHEMAS.items():

@@ -8,7 +8,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("metarun")
 
@@ -19,10 +21,26 @@ class RunLogger:
 
     On resume (``start_iteration > 0``) lines and events after the checkpoint are dropped,
     so the history reads as if the run had never stopped.
+
+    ``loggers`` (the config's ``logger`` node) adds backends of :mod:`metarun.loggers`
+    (``csv``, ``wandb``, ``mlflow``), which get every scalar too; TensorBoard is always
+    written (``self.tb``), as hparams and images still go there only.
     """
 
-    def __init__(self, run_dir: Path, total: int, start_iteration: int, log_every: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        total: int,
+        start_iteration: int,
+        log_every: int,
+        loggers: Mapping[str, Any] | None = None,
+    ):
         from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run starts
+
+        from metarun.loggers import build_loggers
+
+        others = {k: v for k, v in (loggers or {}).items() if k != "tensorboard"}
+        self.backends = build_loggers(others, run_dir, start_step=start_iteration)
 
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
@@ -52,6 +70,7 @@ class RunLogger:
         self.jsonl.write(json.dumps({"iteration": iteration, **values}) + "\n")
         for tag, value in values.items():
             self.tb.add_scalar(tag, value, iteration)
+        self.backends.log_scalars(iteration, values)
 
     def progress(
         self,
@@ -75,6 +94,7 @@ class RunLogger:
         self._window_start = (iteration, now)
         self.log(iteration, {"perf/tasks_per_s": rate})
         self.jsonl.flush()
+        self.backends.flush()
         if self.bar is not None:
             postfix = {"loss": f"{loss:.3f}", metric: f"{acc:.3f}", "tasks_s": f"{rate:.1f}"}
             self.bar.set_postfix(postfix)
@@ -98,12 +118,14 @@ class RunLogger:
         self.jsonl.flush()
         os.fsync(self.jsonl.fileno())
         self.tb.flush()
+        self.backends.flush()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
         self.tb.close()
+        self.backends.close()
 
 
 def _keep_until(path: Path, iteration: int) -> None:
@@ -136,7 +158,14 @@ class NullLogger:
     """A :class:`RunLogger` that records nothing: used by every process but rank 0 of a
     ``torchrun`` job, so one process writes the run folder."""
 
-    def __init__(self, run_dir: Path, total: int, start_iteration: int, log_every: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        total: int,
+        start_iteration: int,
+        log_every: int,
+        loggers: Mapping[str, Any] | None = None,
+    ):
         pass
 
     def console(self) -> contextlib.AbstractContextManager:

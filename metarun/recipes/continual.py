@@ -206,7 +206,7 @@ def _stream(
             resumes=resumes,
         )
 
-    logger = RunLogger(run_dir, total, state.iteration, cfg.log_every)
+    logger = RunLogger(run_dir, total, state.iteration, cfg.log_every, cfg.get("logger"))
     try:
         log.info(
             "%s on %s: %d tasks (%s-incremental), %d updates, %s, run folder %s",

@@ -176,7 +176,7 @@ def _train_and_test(
         return evaluate(algo, sampler, e.val_episodes, hardware, task.score, task.metric)
 
     logger = (RunLogger if parallel.is_main else NullLogger)(
-        run_dir, t.iterations, state.iteration, cfg.log_every
+        run_dir, t.iterations, state.iteration, cfg.log_every, loggers=cfg.get("logger")
     )
     try:
         log.info(
