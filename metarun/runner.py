@@ -142,6 +142,8 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         )
     elif parallel.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if parallel.is_main and hasattr(dataset, "write_split"):  # the user's data: its class split
+        dataset.write_split(run_dir / "split")
 
     parallel.copy_from_main(algo)
 
@@ -321,6 +323,8 @@ def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[s
         log.warning("%s stopped at iteration %d of %d", path, saved["iteration"], trained)
     log.info("testing %s (iteration %d), run folder %s", path, saved["iteration"], run_dir)
     OmegaConf.save(test_cfg, run_dir / "config.yaml", resolve=True)
+    if hasattr(dataset, "write_split"):  # the user's data: its class split
+        dataset.write_split(run_dir / "split")
     logger = RunLogger(run_dir, saved["iteration"], saved["iteration"], test_cfg.log_every)
     try:
         _, block = test_and_report(
@@ -554,9 +558,12 @@ def task_batches(algo: torch.nn.Module, episodes: list[Episode]) -> list[Episode
 def _protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, Any]:
     """Everything needed to compare this number with another: recorded next to it."""
     algo_cfg = OmegaConf.to_container(cfg.algo, resolve=True, enum_to_str=True)
+    # Where each split's classes came from, for datasets that say (the user's own data).
+    origins = {s: p.origin for s, p in pools.items() if getattr(p, "origin", "")}
     return {
         "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
         "split": cfg.dataset.get("split"),
+        **({"split_from": origins} if origins else {}),
         "image_size": cfg.dataset.get("image_size"),
         "test_classes": pools["test"].n_classes,  # None for regression
         "train_episode": {k: cfg.train[k] for k in ("ways", "shots", "query_shots")},
