@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,17 @@ def test_a_list_may_name_a_class_for_all_its_rotations(omniglot_tree, tmp_path):
     ]
     assert ds.pool("val").class_names == ["Gurmukhi/character43/rot090"]
     assert ds.pool("test").n_classes == 2
+
+
+def test_rotated_names_without_rotations_are_named_with_the_fix(omniglot_tree, tmp_path):
+    options = dict(OMNIGLOT_OPTIONS, rotations=[0])
+    with pytest.raises(DataError, match=r"rot000 names a rotation .* set dataset.rotations"):
+        ImageFolder(
+            str(omniglot_tree / "images"),
+            str(tmp_path),
+            split_dir=str(omniglot_tree / "lists"),
+            **options,
+        )
 
 
 def test_the_cache_is_reused_then_rebuilt_when_an_image_changes(
@@ -344,6 +356,20 @@ def test_image_above_the_class_folders_is_refused(mini_tree, tmp_path):
 def test_bad_options_are_refused_before_any_file_is_read(options, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         ImageFolder(str(tmp_path / "not-there"), None, **options)
+
+
+def test_metarun_data_lists_and_prepares_a_folder(mini_tree, tmp_path, capsys):
+    from metarun.data_cli import main
+
+    common = ["--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "folder           yours" in listed and "(dataset.path=...)" in listed
+    root = f"dataset.root={mini_tree}"
+    assert main([*common, "prepare", "folder", root, "dataset.image_size=16"]) == 0
+    prepared = capsys.readouterr().out
+    assert re.search(r"^test +20 classes +400 images$", prepared, re.M), prepared
+    assert list((tmp_path / "cache" / "folder").glob("*_16px_RGB.pt"))
 
 
 # --- end to end through the real entry point ---------------------------------------------------

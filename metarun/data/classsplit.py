@@ -124,12 +124,12 @@ def check_disjoint(splits: dict[str, list[str]], where: dict[str, str]) -> None:
                 )
 
 
-def refuse_missing(missing: Sequence[str], where: str, root: Path | str) -> None:
+def refuse_missing(missing: Sequence[str], where: str, root: Path | str, hint: str = "") -> None:
     """Refuses the class names of a list that are not in the data, naming them."""
     if missing:
         raise DataError(
             f"classes listed in {where} but not in {root}: {_few(missing)}. Fix the list, "
-            f"or add the classes."
+            f"or add the classes.{hint}"
         )
 
 

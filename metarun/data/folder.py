@@ -228,7 +228,14 @@ class ImageFolder:
         for s in SPLITS:
             resolved = [(name, self._resolve_entry(name, files)) for name in lists[s]]
             missing = [name for name, found in resolved if found is None]
-            classsplit.refuse_missing(missing, str(paths[s]), self.root)
+            rotated = [m for m in map(_ROTATED.fullmatch, missing) if m and m[1] in files]
+            hint = (
+                f" {rotated[0][0]} names a rotation of the class {rotated[0][1]}: set "
+                f"dataset.rotations to the angles the lists use (e.g. [0, 90, 180, 270])."
+                if rotated
+                else ""
+            )
+            classsplit.refuse_missing(missing, str(paths[s]), self.root, hint)
             entries[s] = [e for _, found in resolved for e in found or ()]
             where[s] = f"the classes listed in {paths[s]}"
         return entries, where

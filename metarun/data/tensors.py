@@ -348,7 +348,7 @@ def _label_index(path: Path, header: list[str], label_column: str) -> int:
 
 def _check(path: Path, x: Any, y: Any) -> tuple[torch.Tensor, list[str]]:
     """``x`` as a uint8 or float32 tensor and ``y`` as one class name per example."""
-    x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+    x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x.detach()
     if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_int(x)):
         raise DataError(f"{path}: x holds {x.dtype} values; give numbers (floats or integers)")
     if x.dim() < 2 or x.dim() > 4:
