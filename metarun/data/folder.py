@@ -114,23 +114,7 @@ class ImageFolder:
             raise DataError(f"dataset.root={root}: no such folder ({self.root})")
         lists_dir = Path(split_dir).expanduser().resolve() if split_dir else self.root
         self.mode = split if split != "auto" else self._auto_mode(split_dir, lists_dir)
-        # Which class folders (keys: paths relative to root) make each split.
-        if self.mode == "folders":
-            bases, self.where = self._split_folders()
-            files = {k: v for part in bases.values() for k, v in part.items()}
-            entries = {s: [(key, r) for key in sorted(bases[s]) for r in rotations] for s in SPLITS}
-        else:
-            files = self._scan_root(self.root)
-            if self.mode == "lists":
-                entries, self.where = self._from_lists(lists_dir, files)
-            else:
-                parts = classsplit.by_fractions(list(files), fractions, split_seed)
-                entries = {s: [(key, r) for key in parts[s] for r in rotations] for s in SPLITS}
-                self.where = {
-                    s: f"{len(parts[s])} of the {len(files)} classes in {self.root} by "
-                    f"fractions {list(fractions)}, split_seed {split_seed}"
-                    for s in SPLITS
-                }
+        files, entries = self._find_classes(lists_dir, fractions, split_seed)
         self.names = {s: [self._name(key, r) for key, r in entries[s]] for s in SPLITS}
         classsplit.check_disjoint(self.names, self.where)
         used = sorted({key for s in SPLITS for key, _ in entries[s]})
@@ -182,6 +166,30 @@ class ImageFolder:
         if all((self.root / s).is_dir() for s in SPLITS):
             return "folders"
         return "fractions"
+
+    def _find_classes(
+        self, lists_dir: Path, fractions: Sequence[float], split_seed: int
+    ) -> tuple[dict[str, list[Path]], dict[str, list[tuple[str, int]]]]:
+        """The image files of each class folder (keyed by its path relative to ``root``), and
+        the ``(class folder, rotation)`` pairs of each split, in pool order; sets
+        ``self.where``, where each split's classes came from."""
+        rotations = self.rotations
+        if self.mode == "folders":
+            bases, self.where = self._split_folders()
+            files = {k: v for part in bases.values() for k, v in part.items()}
+            entries = {s: [(key, r) for key in sorted(bases[s]) for r in rotations] for s in SPLITS}
+            return files, entries
+        files = self._scan_root(self.root)
+        if self.mode == "lists":
+            entries, self.where = self._from_lists(lists_dir, files)
+            return files, entries
+        parts = classsplit.by_fractions(list(files), fractions, split_seed)
+        self.where = {
+            s: f"{len(parts[s])} of the {len(files)} classes in {self.root} by fractions "
+            f"{list(fractions)}, split_seed {split_seed}"
+            for s in SPLITS
+        }
+        return files, {s: [(key, r) for key in parts[s] for r in rotations] for s in SPLITS}
 
     def _name(self, key: str, rotation: int) -> str:
         name = key.split("/", 1)[1] if self.mode == "folders" else key

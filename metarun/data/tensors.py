@@ -86,35 +86,7 @@ class TensorFile:
             raise DataError(f"dataset.path={path}: no such file or folder ({self.path})")
         lists_dir = Path(split_dir).expanduser().resolve() if split_dir else self.path.parent
         self.mode = split if split != "auto" else self._auto_mode(split_dir, lists_dir)
-        if self.mode == "files":
-            parts = {s: self._read(_split_file(self.path, s)) for s in SPLITS}
-            x, labels, splits = _concat(parts)
-            self.where = {s: f"the classes of {_split_file(self.path, s)}" for s in SPLITS}
-        else:
-            if self.path.is_dir():
-                raise DataError(
-                    f"dataset.path={path} is a folder, which split={self.mode} does not read: "
-                    f"give one file, or use split=files for a folder of train/val/test files."
-                )
-            x, labels = self._read(self.path)
-            classes = _sorted_labels(labels)
-            if self.mode == "lists":
-                lists = classsplit.read_lists(lists_dir)
-                paths = classsplit.list_files(lists_dir)
-                present = set(classes)
-                for s in SPLITS:
-                    missing = [c for c in lists[s] if c not in present]
-                    classsplit.refuse_missing(missing, str(paths[s]), self.path)
-                splits = lists
-                self.where = {s: f"the classes listed in {paths[s]}" for s in SPLITS}
-            else:
-                splits = classsplit.by_fractions(classes, fractions, split_seed)
-                splits = {s: [c for c in classes if c in set(splits[s])] for s in SPLITS}
-                self.where = {
-                    s: f"{len(splits[s])} of the {len(classes)} classes in {self.path} by "
-                    f"fractions {list(fractions)}, split_seed {split_seed}"
-                    for s in SPLITS
-                }
+        x, labels, splits = self._read_split(lists_dir, fractions, split_seed)
         classsplit.check_disjoint(splits, self.where)
         rows: dict[str, list[int]] = {}
         for i, label in enumerate(labels):
@@ -170,6 +142,39 @@ class TensorFile:
                 for s in SPLITS
             },
         }
+
+    def _read_split(
+        self, lists_dir: Path, fractions: Sequence[float], split_seed: int
+    ) -> tuple[torch.Tensor, list[str], dict[str, list[str]]]:
+        """The examples ``(n, ...)``, their labels and the classes of each split in pool
+        order; sets ``self.where``, where each split's classes came from."""
+        if self.mode == "files":
+            parts = {s: self._read(_split_file(self.path, s)) for s in SPLITS}
+            self.where = {s: f"the classes of {_split_file(self.path, s)}" for s in SPLITS}
+            return _concat(parts)
+        if self.path.is_dir():
+            raise DataError(
+                f"dataset.path={self.path} is a folder, which split={self.mode} does not "
+                f"read: give one file, or use split=files for a folder of train/val/test files."
+            )
+        x, labels = self._read(self.path)
+        classes = _sorted_labels(labels)
+        if self.mode == "lists":
+            lists = classsplit.read_lists(lists_dir)
+            paths = classsplit.list_files(lists_dir)
+            present = set(classes)
+            for s in SPLITS:
+                missing = [c for c in lists[s] if c not in present]
+                classsplit.refuse_missing(missing, str(paths[s]), self.path)
+            self.where = {s: f"the classes listed in {paths[s]}" for s in SPLITS}
+            return x, labels, lists
+        parts = classsplit.by_fractions(classes, fractions, split_seed)
+        self.where = {
+            s: f"{len(parts[s])} of the {len(classes)} classes in {self.path} by fractions "
+            f"{list(fractions)}, split_seed {split_seed}"
+            for s in SPLITS
+        }
+        return x, labels, {s: [c for c in classes if c in set(parts[s])] for s in SPLITS}
 
     def _auto_mode(self, split_dir: str | None, lists_dir: Path) -> str:
         if self.path.is_dir():
