@@ -344,7 +344,7 @@ class MNISTConfig:
 @dataclass
 class FolderDatasetConfig:
     _target_: str = "metarun.data.folder.ImageFolder"
-    root: str = MISSING  # root/<class>/<images> (docs/DATASETS.md)
+    root: str | None = MISSING  # required: root/<class>/<images> (docs/DATASETS.md)
     cache_dir: str | None = MISSING
     image_size: int = MISSING
     channels: int = MISSING  # 1 (grayscale) | 3 (RGB)
@@ -361,7 +361,7 @@ class FolderDatasetConfig:
 @dataclass
 class TensorDatasetConfig:
     _target_: str = "metarun.data.tensors.TensorFile"
-    path: str = MISSING  # .npz / .pt / .csv / .parquet, or a folder (split=files)
+    path: str | None = MISSING  # required: .npz / .pt / .csv / .parquet, or a folder
     label_column: str = MISSING  # .csv, .parquet
     split: str = MISSING  # auto | lists | files | fractions
     split_dir: str | None = MISSING  # lists: folder of train/val/test.txt; null: path's folder

@@ -49,10 +49,10 @@ def _reads_files(name: str) -> bool:
 
 
 def _required_keys(name: str) -> list[str]:
-    """The keys that ``dataset=<name>`` leaves for the user to set (``???``): where the
-    user's own files are (``dataset=folder``, ``dataset=tensors``)."""
+    """The keys that ``dataset=<name>`` leaves for the user to set (``null  # required``):
+    where the user's own files are (``dataset=folder``, ``dataset=tensors``)."""
     config = resources.files("metarun.configs").joinpath(f"dataset/{name}.yaml").read_text()
-    return re.findall(r"^(\w+):\s*\?\?\?", config, re.M)
+    return re.findall(r"^(\w+):\s*null\s+# required", config, re.M)
 
 
 def _size(path: Path) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from metarun.data.episodes import EpisodeError, EpisodeSampler
@@ -305,6 +305,9 @@ def test_configs_compose_and_a_misspelled_key_fails(make_cfg, pigcvp):
         make_cfg("dataset=folder", "dataset.root=x", "dataset.chanels=1")
     folder = make_cfg("dataset=folder", "dataset.root=x")
     assert folder.dataset.rotations == [0] and folder.dataset.class_depth == 1
+    for name, key in (("folder", "root"), ("tensors", "path")):  # required, named
+        with pytest.raises(InstantiationException, match=f"needs dataset.{key}="):
+            instantiate(make_cfg(f"dataset={name}").dataset)
 
 
 # --- end to end through the real entry point ---------------------------------------------------

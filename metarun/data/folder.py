@@ -79,7 +79,7 @@ class ImageFolder:
 
     def __init__(
         self,
-        root: str,
+        root: str | None,
         cache_dir: str | None,
         image_size: int = 84,
         channels: int = 3,
@@ -92,6 +92,11 @@ class ImageFolder:
         split_seed: int = 0,
         drop_small_classes: bool = False,
     ):
+        if not root:
+            raise ValueError(
+                "dataset=folder needs dataset.root=FOLDER: the folder of class folders "
+                "(FOLDER/<class>/<image files>; docs/DATASETS.md)"
+            )
         classsplit.check_options(split, MODES, fractions, split_dir)
         if image_size < 1:
             raise ValueError(f"dataset.image_size must be positive, got {image_size}")

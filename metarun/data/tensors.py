@@ -69,7 +69,7 @@ class TensorFile:
 
     def __init__(
         self,
-        path: str,
+        path: str | None,
         label_column: str = "label",
         split: str = "auto",
         split_dir: str | None = None,
@@ -78,6 +78,12 @@ class TensorFile:
         standardize: bool = False,
         drop_small_classes: bool = False,
     ):
+        if not path:
+            raise ValueError(
+                "dataset=tensors needs dataset.path=FILE: a .npz, .pt, .csv or .parquet file "
+                "of examples x and labels y, or a folder of train/val/test files "
+                "(docs/DATASETS.md)"
+            )
         classsplit.check_options(split, MODES, fractions, split_dir)
         self.path = Path(path).expanduser().resolve()
         self.label_column = label_column
