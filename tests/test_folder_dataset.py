@@ -233,6 +233,32 @@ def test_grayscale_and_resized_minimagenet(mini_tree, tmp_path):
     assert pool.images[pool.class_items[0, 0], 0].flatten().tolist() == list(gray.tobytes())
 
 
+def test_mixed_modes_are_converted_to_the_channels_asked_for(mini_tree, omniglot_tree, tmp_path):
+    """1-bit Omniglot PNGs and RGB miniImageNet JPEGs in one folder."""
+    from PIL import Image
+
+    root = tmp_path / "mixed"
+    characters = sorted((omniglot_tree / "images" / "Gurmukhi").iterdir())
+    photos = sorted((mini_tree / "test").iterdir())
+    for name, source in (("drawing", characters[0]), ("photo", photos[0]), ("other", photos[1])):
+        shutil.copytree(source, root / name, symlinks=True)
+    for split, name in (("train", "drawing"), ("val", "photo"), ("test", "other")):
+        (root / f"{split}.txt").write_text(f"{name}\n")
+    drawing = sorted((root / "drawing").iterdir())[0]
+    photo = sorted((root / "photo").iterdir())[0]
+    with Image.open(drawing) as a, Image.open(photo) as b:
+        assert (a.mode, b.mode) == ("1", "RGB")
+        gray_photo = b.convert("L").resize((28, 28), Image.Resampling.LANCZOS).tobytes()
+    rgb = ImageFolder(str(root), str(tmp_path / "c"), image_size=28, channels=3)
+    drawn = rgb.pool("train").images[rgb.pool("train").class_items[0, 0]]
+    assert drawn.shape == (3, 28, 28) and torch.equal(drawn[0], drawn[1])
+    assert torch.equal(drawn[0], drawn[2]) and 0 < float(drawn.float().mean()) < 255
+    gray = ImageFolder(str(root), str(tmp_path / "c"), image_size=28, channels=1)
+    assert gray.pool("val").images[gray.pool("val").class_items[0, 0]].flatten().tolist() == list(
+        gray_photo
+    )
+
+
 def test_fractions_split_is_seeded_disjoint_and_complete(mini_tree, tmp_path):
     root = mini_tree / "test"  # 20 classes, no train/val/test folders below: fractions
     a = ImageFolder(str(root), str(tmp_path), image_size=16, fractions=[0.5, 0.25, 0.25])
