@@ -322,6 +322,48 @@ class MNISTConfig:
 
 
 @dataclass
+class FolderDatasetConfig:
+    _target_: str = "metarun.data.folder.ImageFolder"
+    root: str | None = MISSING  # required: root/<class>/<images> (docs/DATASETS.md)
+    cache_dir: str | None = MISSING
+    image_size: int = MISSING
+    channels: int = MISSING  # 1 (grayscale) | 3 (RGB)
+    invert: bool = MISSING  # 255 - pixel (dark drawings on light paper)
+    class_depth: int = MISSING  # folder levels that name a class (Omniglot: 2)
+    rotations: list[int] = MISSING  # [0] | e.g. [0, 90, 180, 270]: a class per angle
+    split: str = MISSING  # auto | lists | folders | fractions
+    split_dir: str | None = MISSING  # lists: folder of train/val/test.txt; null: root
+    fractions: list[float] = MISSING  # fractions: train / val / test shares of the classes
+    split_seed: int = MISSING
+    drop_small_classes: bool = MISSING  # leave out classes too small for an episode
+
+
+@dataclass
+class TensorDatasetConfig:
+    _target_: str = "metarun.data.tensors.TensorFile"
+    path: str | None = MISSING  # required: .npz / .pt / .csv / .parquet, or a folder
+    label_column: str = MISSING  # .csv, .parquet
+    split: str = MISSING  # auto | lists | files | fractions
+    split_dir: str | None = MISSING  # lists: folder of train/val/test.txt; null: path's folder
+    fractions: list[float] = MISSING
+    split_seed: int = MISSING
+    standardize: bool = MISSING  # per feature / channel, with the train split's statistics
+    drop_small_classes: bool = MISSING
+
+
+@dataclass
+class Conv1DConfig:
+    _target_: str = "metarun.models.Conv1D"
+    _partial_: bool = True
+    hidden: int = MISSING
+    blocks: int = MISSING
+    kernel_size: int = MISSING
+    pool: int = MISSING
+    bn_momentum: float = MISSING
+    global_pool: bool = MISSING
+
+
+@dataclass
 class HardwareConfig:
     _target_: str = "metarun.hardware.Hardware"
     device: str = MISSING  # auto | cpu | cuda | cuda:N
@@ -387,8 +429,15 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "learn2learn": Learn2LearnDatasetConfig,
         "sinusoid": SinusoidConfig,
         "mnist": MNISTConfig,
+        "folder": FolderDatasetConfig,
+        "tensors": TensorDatasetConfig,
     },
-    "schema/model": {"conv4": Conv4Config, "mlp": MLPConfig, "resnet12": ResNet12Config},
+    "schema/model": {
+        "conv4": Conv4Config,
+        "mlp": MLPConfig,
+        "resnet12": ResNet12Config,
+        "conv1d": Conv1DConfig,
+    },
     "schema/hardware": {"hardware": HardwareConfig},
     "schema/scenario": SCENARIO_SCHEMAS,
     "schema/logger": {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -45,6 +46,13 @@ def _reads_files(name: str) -> bool:
     """Whether ``dataset=<name>`` reads a data folder (synthetic datasets do not)."""
     config = resources.files("metarun.configs").joinpath(f"dataset/{name}.yaml").read_text()
     return "${data_dir}" in config
+
+
+def _required_keys(name: str) -> list[str]:
+    """The keys that ``dataset=<name>`` leaves for the user to set (``null  # required``):
+    where the user's own files are (``dataset=folder``, ``dataset=tensors``)."""
+    config = resources.files("metarun.configs").joinpath(f"dataset/{name}.yaml").read_text()
+    return re.findall(r"^(\w+):\s*null\s+# required", config, re.M)
 
 
 def _size(path: Path) -> int:
@@ -304,6 +312,10 @@ def cmd_list(data: Path, cache: Path) -> int:
     print(f"\n{'dataset':<16} {'status':<10} {'data':>10} {'cache':>10}  where")
     for name in dataset_names():
         folder, cached = data / name, cache / name
+        if required := _required_keys(name):  # folder, tensors: the user's own files
+            where = " ".join(f"dataset.{key}=..." for key in required)
+            print(f"{name:<16} {'yours':<10} {'-':>10} {'-':>10}  ({where})")
+            continue
         if not _reads_files(name):
             print(f"{name:<16} {'generated':<10} {'-':>10} {'-':>10}  (no files)")
             continue

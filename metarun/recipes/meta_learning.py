@@ -150,6 +150,8 @@ def _train_and_test(
             resumes.append({"iteration": state.iteration, "overrides": changes})
     if folder is not None and (saved is None or changes):
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if folder is not None and hasattr(dataset, "write_split"):  # the user's data: its split
+        dataset.write_split(run_dir / "split")
     parallel.copy_from_main(algo)
 
     def save(name: str) -> None:
@@ -528,6 +530,8 @@ def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[s
             )
         log.info("testing %s (iteration %d), run folder %s", saved.path, saved.iteration, run_dir)
         OmegaConf.save(test_cfg, folder.path / "config.yaml", resolve=True)
+        if hasattr(dataset, "write_split"):  # the user's data: its class split
+            dataset.write_split(folder.path / "split")
         logger = RunLogger(folder.path, saved.iteration, saved.iteration, test_cfg.log_every)
         try:
             with StopFlag() as stop:
@@ -594,9 +598,12 @@ def task_batches(algo: torch.nn.Module, episodes: list[Episode]) -> list[Episode
 def protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, Any]:
     """Everything needed to compare this number with another: recorded next to it."""
     algo_cfg = OmegaConf.to_container(cfg.algo, resolve=True, enum_to_str=True)
+    # Where each split's classes came from, for datasets that say (the user's own data).
+    origins = {s: p.origin for s, p in pools.items() if getattr(p, "origin", "")}
     return {
         "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
         "split": cfg.dataset.get("split"),
+        **({"split_from": origins} if origins else {}),
         "image_size": cfg.dataset.get("image_size"),
         "test_classes": pools["test"].n_classes,  # None for regression
         "train_episode": {k: cfg.train[k] for k in ("ways", "shots", "query_shots")},
