@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class, get_method
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from metarun.config import SCHEMAS, EvalConfig, RunConfig, TrainConfig
@@ -29,6 +29,16 @@ from metarun.tasks import CLASSIFICATION, TaskKind
 log = logging.getLogger("metarun")
 
 HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
+
+
+def _opt(node: Any, key: str, default: Any = None) -> Any:
+    """``node.key`` if the node has that key, else ``default`` (structured configs refuse
+    ``get`` of a key their schema lacks)."""
+    if isinstance(node, DictConfig) and key in node:
+        return node[key]
+    return default
+
+
 GROUPS = ("algo", "dataset", "model", "hardware", "scenario")
 
 
@@ -135,10 +145,7 @@ def _check_value(what: str, v: Any, rule: dict) -> None:
 
 def target_class(node: DictConfig) -> Any:
     """The class or function ``node._target_`` names (imports its module, builds nothing)."""
-    try:
-        return get_class(node._target_)
-    except Exception:  # noqa: BLE001 - a function target (scenarios) is not a class
-        return get_method(node._target_)
+    return get_object(node._target_)
 
 
 def task_of_dataset(dataset: DictConfig) -> TaskKind:
@@ -165,7 +172,7 @@ def check_meta_learning(cfg: DictConfig) -> None:
         _check_capabilities(cfg, name, caps, task)
     _check_hardware(cfg.hardware, name, _second_order_through_backbone(cfg.algo, caps))
     for key in ("encoder_checkpoint",):
-        path = cfg.algo.get(key)
+        path = _opt(cfg.algo, key)
         if path and not Path(path).expanduser().is_file():
             raise ConfigError(
                 f"algo.{key}={path}: no such file. Give the best.pt (or last.pt) of a run "
@@ -181,19 +188,19 @@ def _check_capabilities(cfg: DictConfig, name: str, caps: Any, task: TaskKind) -
             f"the dataset's tasks are {task.name}. Use an algorithm that does, such as "
             f"algo=maml, or another dataset."
         )
-    bn_mode = str(getattr(a.get("bn_mode"), "value", a.get("bn_mode")))
-    if a.get("bn_mode") is not None and bn_mode not in caps.bn_modes:
+    bn_mode = str(getattr(_opt(a, "bn_mode"), "value", _opt(a, "bn_mode")))
+    if _opt(a, "bn_mode") is not None and bn_mode not in caps.bn_modes:
         raise ConfigError(
             f"algo.bn_mode={bn_mode} is not supported by {name}: choose "
             f"{' or '.join(caps.bn_modes)}."
         )
-    engine = a.get("engine", "loop")
+    engine = _opt(a, "engine", "loop")
     if engine not in caps.engines:
         raise ConfigError(
             f"algo.engine={engine} is not supported by {name}: choose {' or '.join(caps.engines)}."
         )
     for key, value in caps.engine_requires.get(engine, {}).items():
-        got = str(getattr(a.get(key), "value", a.get(key)))
+        got = str(getattr(_opt(a, key), "value", _opt(a, key)))
         if got != value:
             raise ConfigError(
                 f"algo.engine={engine} needs algo.{key}={value} (got {got}); use "
@@ -212,20 +219,20 @@ def _check_capabilities(cfg: DictConfig, name: str, caps: Any, task: TaskKind) -
             f"algorithm; it is for gradient-based ones (maml, metasgd, anil, ...)."
         )
     if caps.fixed_ways and task.outputs is None:
-        ways = a.get("ways", t.ways)
+        ways = _opt(a, "ways", t.ways)
         if not t.ways == e.ways == ways:
             raise ConfigError(
                 f"{name} has a {ways}-way output (algo.ways), so train.ways ({t.ways}) and "
                 f"eval.ways ({e.ways}) must both be {ways}: set them equal."
             )
     if caps.fixed_shots:
-        shots = a.get("shots", t.shots)
+        shots = _opt(a, "shots", t.shots)
         if not t.shots == e.shots == shots:
             raise ConfigError(
                 f"{name}'s sequences are sized for {shots} shots (algo.shots), so train.shots "
                 f"({t.shots}) and eval.shots ({e.shots}) must both be {shots}: set them equal."
             )
-    if cfg.model.get("flatten", True) is False and not caps.feature_maps:
+    if _opt(cfg.model, "flatten", True) is False and not caps.feature_maps:
         raise ConfigError(
             f"model.flatten=false keeps feature maps, which only algo=relation takes; {name} "
             f"needs flat features: set model.flatten=true."
@@ -235,14 +242,14 @@ def _check_capabilities(cfg: DictConfig, name: str, caps: Any, task: TaskKind) -
 def _second_order_through_backbone(algo: DictConfig, caps: Any) -> bool:
     """Whether the algorithm differentiates through gradients taken in the backbone."""
     return bool(caps is not None and caps.inner_loop_through_backbone) and (
-        algo.get("first_order") is False
+        _opt(algo, "first_order") is False
     )
 
 
 def _check_hardware(hardware: DictConfig, name: str, second_order: bool) -> None:
     amp = str(getattr(hardware.amp, "value", hardware.amp))
-    backend = hardware.get("compile_backend", "inductor")
-    if hardware.get("compile") and second_order and backend != "eager":
+    backend = _opt(hardware, "compile_backend", "inductor")
+    if _opt(hardware, "compile") and second_order and backend != "eager":
         raise ConfigError(
             f"hardware.compile=true with compile_backend={backend} cannot run second-order "
             f"{name}: torch.compile's compiled backward has no double backward. Use "
@@ -294,6 +301,17 @@ def check_continual(cfg: DictConfig) -> None:
                 f"sinusoid_stream with scenario.meta_functions > 0), or a method without a "
                 f"meta-training phase (naive, joint, er, ewc, lamaml)."
             )
+    single = (
+        (caps is not None and caps.single_example_steps)
+        or _opt(cfg.scenario, "batch_size") == 1
+        or _opt(cfg.algo, "inner_batch_size") == 1
+    )
+    if single and _opt(cfg.model, "batch_norm"):
+        raise ConfigError(
+            f"model.batch_norm=true with single-example steps (algo={name}, "
+            f"scenario.batch_size={_opt(cfg.scenario, 'batch_size')}): batch normalisation "
+            f"needs more than one example per step. Set model.batch_norm=false."
+        )
     amp = str(getattr(cfg.hardware.amp, "value", cfg.hardware.amp))
     if amp == "fp16":
         raise ConfigError(
@@ -301,7 +319,7 @@ def check_continual(cfg: DictConfig) -> None:
             "their own optimiser steps, without loss scaling. Use hardware.amp=bf16 or off."
         )
     second_order = bool(caps is not None and caps.inner_loop_through_backbone) and (
-        cfg.algo.get("first_order") is False
+        _opt(cfg.algo, "first_order") is False
     )
     _check_hardware(cfg.hardware, name, second_order)
 
@@ -311,5 +329,5 @@ def _has_meta_training(scenario: DictConfig, fn: Any) -> bool:
     the name of its option whose positive value gives a meta-training set."""
     declared = getattr(fn, "meta_training", False)
     if isinstance(declared, str):
-        return bool(scenario.get(declared))
+        return bool(_opt(scenario, declared))
     return bool(declared)

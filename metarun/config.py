@@ -295,12 +295,24 @@ class Conv4Config:
 
 
 @dataclass
+class ConvNetConfig:
+    _target_: str = "metarun.models.ConvNet"
+    _partial_: bool = True
+    channels: list[int] = at_least(1)  # one 3x3 convolution per entry
+    strides: list[int] = at_least(1)
+    pools: list[bool] = MISSING  # a 2x2 max-pool after the block
+    norm: str = choice("none", "batch", "instance")
+    init: str = choice("default", "kaiming_normal")
+
+
+@dataclass
 class MLPConfig:
     _target_: str = "metarun.models.MLP"
     _partial_: bool = True
     hidden_sizes: list[int] = at_least(1)
     batch_norm: bool = MISSING
     init_std: float | None = positive(None)  # None: PyTorch's init; else truncated normal
+    init: str = choice("default", "xavier_uniform", "kaiming_normal", default="default")
 
 
 @dataclass
@@ -433,6 +445,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "tensors": TensorDatasetConfig,
     },
     "schema/model": {
+        "convnet": ConvNetConfig,
         "conv4": Conv4Config,
         "mlp": MLPConfig,
         "resnet12": ResNet12Config,

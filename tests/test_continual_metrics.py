@@ -45,7 +45,13 @@ def test_forgetting_uses_the_best_accuracy_not_the_first():
 
 def test_one_task_has_only_an_average_accuracy():
     m = summarize([[0.42]], [0.1])
-    assert m == {"acc": pytest.approx(0.42), "bwt": None, "fwt": None, "forgetting": None}
+    assert m == {
+        "acc": pytest.approx(0.42),
+        "bwt": None,
+        "bwt_gem": None,
+        "fwt": None,
+        "forgetting": None,
+    }
 
 
 def test_a_task_never_learned_is_not_counted_as_forgetting_or_as_negative():

@@ -52,6 +52,7 @@ def test_mse_matrix_by_hand():
     assert summarize(M, B, "mse") == {
         "mse": pytest.approx(2.9 / 3),
         "bwt": pytest.approx(-0.85),
+        "bwt_gem": pytest.approx(-0.85 * 2 / 3),  # GEM's: the same sum over T = 3 tasks
         "fwt": pytest.approx(0.3),
         "forgetting": pytest.approx(0.85),
     }
@@ -86,6 +87,7 @@ def test_one_function_and_unknown_metrics():
     assert summarize([[0.7]], [3.0], "mse") == {
         "mse": pytest.approx(0.7),
         "bwt": None,
+        "bwt_gem": None,
         "fwt": None,
         "forgetting": None,
     }
@@ -199,12 +201,13 @@ def test_every_method_learns_the_stream_and_reports_mse(algo, make_cfg, tmp_path
     R, b = results["matrix"], results["initial"]
     assert results["metric"] == "mse" and len(R) == 3 and all(len(row) == 3 for row in R)
     assert all(math.isfinite(v) and v >= 0 for row in R for v in row) and len(b) == 3
-    assert set(results["continual"]) == {"mse", "bwt", "fwt", "forgetting"}
+    assert set(results["continual"]) == {"mse", "bwt", "bwt_gem", "fwt", "forgetting"}
     assert results["continual"]["mse"] == pytest.approx(sum(R[-1]) / 3)
     assert set(summary) == {
         "val/mse",
         "continual/mse",
         "continual/bwt",
+        "continual/bwt_gem",
         "continual/fwt",
         "continual/forgetting",
     }

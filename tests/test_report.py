@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from metarun.report import ReportError, find_runs, group_runs, mean_t_ci95, report, t_quantile
+from metarun.report import ReportError, find_runs, group_runs, report
+from metarun.stats import mean_t_ci95, t_quantile
 
 METARUN = shutil.which("metarun", path=str(Path(sys.executable).parent)) or "metarun"
 

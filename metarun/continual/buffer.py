@@ -54,6 +54,13 @@ class ReservoirBuffer(nn.Module):
             self.y[slots[k]] = y[k]
         self.seen += n
 
+    @torch.no_grad()
+    def clear(self) -> None:
+        """Empties the reservoir (a new stream starts)."""
+        self.x.zero_()
+        self.y.zero_()
+        self.seen.zero_()
+
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` examples drawn uniformly with replacement: ``(x (n, C, H, W), y (n, ...))``."""
         idx = torch.randint(len(self), (n,), generator=generator).to(self.y.device)

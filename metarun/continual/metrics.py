@@ -97,14 +97,20 @@ def forgetting(R, higher_is_better: bool = True) -> float | None:
 
 
 def summarize(R, initial, metric: str = "acc") -> dict[str, float | None]:
-    """``{metric, "bwt", "fwt", "forgetting"}`` of one run, where ``metric`` (``acc`` or
-    ``mse``) names what ``R`` holds and keys its average over the tasks."""
+    """``{metric, "bwt", "bwt_gem", "fwt", "forgetting"}`` of one run, where ``metric``
+    (``acc`` or ``mse``) names what ``R`` holds and keys its average over the tasks.
+    ``bwt_gem`` is BWT as GEM's code computes it (Lopez-Paz & Ranzato 2017, and MER and
+    La-MAML after it): the same sum divided by ``T`` instead of ``T - 1``, the last task's
+    zero term included; it is what their tables report."""
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"unknown metric {metric!r}; choose one of {list(HIGHER_IS_BETTER)}")
     hib = HIGHER_IS_BETTER[metric]
+    bwt = backward_transfer(R, hib)
+    T = _matrix(R).shape[0]
     return {
         metric: average_accuracy(R),
-        "bwt": backward_transfer(R, hib),
+        "bwt": bwt,
+        "bwt_gem": None if bwt is None else bwt * (T - 1) / T,
         "fwt": forward_transfer(R, initial, hib),
         "forgetting": forgetting(R, hib),
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -314,6 +315,79 @@ def permuted_mnist(
     )
 
 
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``(n, C, H, W)`` uint8 images turned counter-clockwise about their centre by
+    ``degrees``, nearest pixel, zeros outside: the same pixels as PIL's
+    ``Image.rotate(degrees, resample=NEAREST)`` (GEM's ``mnist_rotations`` generator)."""
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+    grid = torch.nn.functional.affine_grid(
+        theta.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False
+    )
+    turned = torch.nn.functional.grid_sample(
+        images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
+    return turned.round().to(torch.uint8)
+
+
+@declares()
+def mnist_rotations(
+    root: str | None,
+    n_tasks: int = 20,
+    samples_per_task: int = 1000,
+    min_angle: float = 0.0,
+    max_angle: float = 180.0,
+    seed: int = 0,
+    epochs: int = 1,
+    batch_size: int = 10,
+    download: bool = True,
+) -> Scenario:
+    """MNIST Rotations, the GEM/MER protocol (Lopez-Paz & Ranzato 2017; Riemer et al. 2019;
+    La-MAML, Gupta et al. 2020): task ``t`` of ``n_tasks`` is the ten-digit problem with
+    every image turned by one angle drawn uniformly from ``[min + t w, min + (t + 1) w)``
+    degrees, ``w = (max - min) / n_tasks``; ``samples_per_task`` training images (a seeded
+    draw from the 60,000) and the full 10,000-image test set, both turned, per task.
+    Domain-incremental (the ten outputs are shared); one pass by default.
+
+    Args:
+        root: data folder with ``mnist/`` inside.
+        n_tasks, samples_per_task: 20 and 1000 in the papers.
+        min_angle, max_angle: 0 and 180 degrees in the papers.
+        seed: seeds the angles and the training draws (recorded in results.json).
+        epochs, batch_size: the training budget per task.
+        download: fetch missing files.
+    """
+    if not min_angle <= max_angle:
+        raise ScenarioError(f"min_angle must be <= max_angle, got {min_angle}, {max_angle}")
+    data = _mnist(root, "mnist", download)
+    g = torch.Generator().manual_seed(seed)
+    width = (max_angle - min_angle) / n_tasks
+    angles, tasks = [], []
+    for t in range(n_tasks):
+        angle = min_angle + width * (t + float(torch.rand((), generator=g)))
+        tr = _subset(data.train_labels, list(range(10)), samples_per_task, g)
+        angles.append(round(angle, 4))
+        tasks.append(
+            Task(
+                f"rotation {angle:.1f} deg",
+                torch.arange(10),
+                rotate(data.train_images[tr], angle),
+                data.train_labels[tr],
+                rotate(data.test_images, angle),
+                data.test_labels,
+            )
+        )
+    return Scenario(
+        tasks,
+        10,
+        data.image_shape,
+        "domain",
+        epochs,
+        batch_size,
+        info={"benchmark": "mnist_rotations", "seed": seed, "angles": angles},
+    )
+
+
 @declares(meta_training=True)
 def omniglot_continual(
     root: str | None,
@@ -373,7 +447,7 @@ def omniglot_continual(
         )
     return Scenario(
         tasks,
-        n_classes,
+        max(n_classes, meta_train.n_classes),  # head rows: also one per meta-training class
         data.image_shape,
         "class",
         epochs,
@@ -385,6 +459,143 @@ def omniglot_continual(
             "image_size": image_size,
             "train_shots": train_shots,
             "meta_train_split": "background (964 characters)",
+        },
+    )
+
+
+@dataclass
+class MetaTestBenchmark:
+    """The benchmark's data and protocol (the scenario object of
+    ``scenario=omniglot_meta_continual``).
+
+    Attributes:
+        meta_train: the classes meta-training draws from.
+        selection: classes held out of meta-training, for choosing learning rates.
+        evaluation: the classes the reported streams are drawn from.
+        sizes: the numbers of classes ``N`` per stream.
+        draws: reported streams per ``N``.
+        selection_draws: streams per learning rate and ``N`` in the selection.
+        train_shots: training drawings per class (the others score the class).
+        lr_grid: candidate continual-phase learning rates.
+        seed: seeds every draw, split and order.
+        input_shape, n_classes: one image's shape; outputs of a learner's head (at least
+            the meta-training classes and the largest ``N``).
+        info: what else defines the protocol (recorded in results.json).
+    """
+
+    meta_train: ClassPool
+    selection: ClassPool
+    evaluation: ClassPool
+    sizes: list[int]
+    draws: int
+    selection_draws: int
+    train_shots: int
+    lr_grid: list[float]
+    seed: int
+    input_shape: tuple[int, ...]
+    n_classes: int
+    info: dict = field(default_factory=dict)
+    task: TaskKind = CLASSIFICATION
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.info.get("benchmark"),
+            "sizes": self.sizes,
+            "draws": self.draws,
+            "selection_draws": self.selection_draws,
+            "train_shots": self.train_shots,
+            "lr_grid": self.lr_grid,
+            "seed": self.seed,
+            "meta_train_classes": self.meta_train.n_classes,
+            "selection_classes": self.selection.n_classes,
+            "evaluation_classes": self.evaluation.n_classes,
+            **self.info,
+        }
+
+
+@declares(meta_training=True)
+def omniglot_meta_continual(
+    root: str | None,
+    cache_dir: str | None,
+    sizes: tuple[int, ...] = (10, 50, 100, 200, 600),
+    draws: int = 10,
+    selection_draws: int = 5,
+    train_shots: int = 15,
+    lr_grid: tuple[float, ...] = (0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001, 0.00003, 0.00001),
+    seed: int = 0,
+    image_size: int = 28,
+    download: bool = True,
+    meta_train_rotations: bool = False,
+    validation: bool = False,
+) -> MetaTestBenchmark:
+    """The Omniglot meta-continual benchmark of OML (Javed & White 2019) and ANML (Beaulieu
+    et al. 2020), at 28x28 (:mod:`metarun.continual.meta_test`): meta-train on the
+    background characters less 5 held-out alphabets (the ``lake`` split's 792 training
+    characters); choose any continual-phase learning rate on streams of the 172 characters
+    of the held-out background alphabets; report streams of ``N`` of the 659 evaluation
+    characters, ``train_shots`` drawings each, one per update, one pass; each class scored
+    on its other ``20 - train_shots`` drawings (meta-test test) and on its training drawings
+    (meta-test train).
+
+    Args:
+        root, cache_dir, image_size, download: as for ``dataset=omniglot``.
+        sizes: the numbers of classes per stream (the papers: 10, 50, 100, 200, 600).
+        draws: reported streams per size (each a seeded draw of classes and drawings).
+        selection_draws: held-out streams per learning rate and size.
+        train_shots: training drawings per class (15 of 20 in the papers).
+        lr_grid: the continual-phase learning rates tried (OML's grid by default).
+        seed: seeds every draw.
+        meta_train_rotations: meta-train on each character at 0, 90, 180 and 270 degrees as
+            four classes (as SB-MCL's and the Vinyals split's training); the selection and
+            evaluation streams are never rotated.
+        validation: report streams of the held-out background characters instead of the
+            evaluation characters (sizes capped at their 172): for choosing a method's
+            settings without touching the evaluation set. Learning rates are then chosen
+            and reported on the same characters, so such figures are not test figures.
+    """
+    from metarun.data.omniglot import DRAWINGS, Omniglot
+
+    if not 1 <= train_shots < DRAWINGS:
+        raise ScenarioError(f"train_shots must be in 1..{DRAWINGS - 1}, got {train_shots}")
+    data = Omniglot(root, cache_dir, split="lake", image_size=image_size, download=download)
+    meta_train, selection, evaluation = (data.pool(s) for s in ("train", "val", "test"))
+    if meta_train_rotations:
+        grouped = meta_train.images.view(meta_train.n_classes, DRAWINGS, *meta_train.image_shape)
+        turned = torch.stack([torch.rot90(grouped, k, dims=(-2, -1)) for k in range(4)], dim=1)
+        names = [f"{n}/rot{90 * k:03d}" for n in meta_train.class_names for k in range(4)]
+        meta_train = ClassPool.from_grouped(turned.flatten(0, 1), names)
+    if validation:
+        evaluation = selection
+        sizes = sorted({min(int(n), selection.n_classes) for n in sizes})
+    if max(sizes) > evaluation.n_classes:
+        raise ScenarioError(
+            f"scenario.sizes go up to {max(sizes)} classes; the evaluation set has "
+            f"{evaluation.n_classes}"
+        )
+    return MetaTestBenchmark(
+        meta_train=meta_train,
+        selection=selection,
+        evaluation=evaluation,
+        sizes=sorted(int(n) for n in sizes),
+        draws=draws,
+        selection_draws=selection_draws,
+        train_shots=train_shots,
+        lr_grid=[float(lr) for lr in lr_grid],
+        seed=seed,
+        input_shape=data.image_shape,
+        n_classes=max(meta_train.n_classes, max(sizes)),
+        info={
+            "benchmark": "omniglot_meta_continual",
+            "image_size": image_size,
+            "meta_train_split": "background less the 5 held-out alphabets (lake split)",
+            "selection_split": "the 5 held-out background alphabets (172 characters)",
+            "evaluation_split": "the 5 held-out background alphabets (VALIDATION: not a test)"
+            if validation
+            else "the evaluation set (659 characters)",
+            "meta_train_rotations": meta_train_rotations,
+            "selection_rule": "per N, the learning rate of lr_grid with the best mean "
+            "meta-test-test accuracy over selection_draws held-out streams of min(N, 172) "
+            "classes",
         },
     )
 

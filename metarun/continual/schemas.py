@@ -69,10 +69,42 @@ class SinusoidStreamConfig:
 
 
 @dataclass
+class MNISTRotationsConfig:
+    _target_: str = "metarun.continual.scenarios.mnist_rotations"
+    root: str | None = MISSING
+    n_tasks: int = at_least(1)
+    samples_per_task: int = at_least(1)  # training examples per task, a seeded draw
+    min_angle: float = MISSING  # degrees; task t turns by U[min + t w, min + (t + 1) w)
+    max_angle: float = MISSING
+    seed: int = at_least(0)
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    download: bool = MISSING
+
+
+@dataclass
+class OmniglotMetaContinualConfig:
+    _target_: str = "metarun.continual.scenarios.omniglot_meta_continual"
+    root: str | None = MISSING
+    cache_dir: str | None = MISSING
+    sizes: list[int] = at_least(1)  # classes per stream
+    draws: int = at_least(2)  # reported streams per size (a CI needs two)
+    selection_draws: int = at_least(1)  # held-out streams per learning rate and size
+    train_shots: int = at_least(1)
+    lr_grid: list[float] = positive()  # continual-phase learning rates tried
+    seed: int = at_least(0)
+    image_size: int = at_least(4)
+    download: bool = MISSING
+    meta_train_rotations: bool = False  # rotated characters as more meta-training classes
+    validation: bool = False  # report held-out background streams (choosing settings)
+
+
+@dataclass
 class NaiveConfig:
     _target_: str = "metarun.continual.methods.Naive"
     _partial_: bool = True
     lr: float = positive()
+    optimizer: str = choice("adam", "sgd", default="adam")
 
 
 @dataclass
@@ -87,6 +119,19 @@ class ERConfig:
     lr: float = positive()
     buffer_size: int = at_least(1)
     replay_batch_size: int = at_least(1)
+    optimizer: str = choice("adam", "sgd", default="adam")
+
+
+@dataclass
+class MERConfig:
+    _target_: str = "metarun.continual.methods.MER"
+    _partial_: bool = True
+    lr: float = positive()  # alpha: the SGD step of every single-example update
+    beta: float = positive()  # within-batch meta-learning rate
+    gamma: float = positive()  # across-batch meta-learning rate (1: none)
+    batches_per_example: int = at_least(1)  # s
+    replay_batch_size: int = at_least(0)  # memories per batch (k - 1)
+    buffer_size: int = at_least(1)
 
 
 @dataclass
@@ -96,30 +141,92 @@ class EWCConfig:
     lr: float = positive()
     ewc_lambda: float = at_least(0.0)
     fisher_samples: int = at_least(1)
+    optimizer: str = choice("adam", "sgd", default="adam")
 
 
 @dataclass
 class OMLConfig:
     _target_: str = "metarun.continual.methods.OML"
     _partial_: bool = True
-    fast_lr: float = positive()
+    lr: float = positive()  # the continual-phase learning rate of the head
+    fast_lr: float = positive()  # inner-loop SGD step of the head
     meta_lr: float = positive()
     meta_iterations: int = at_least(0)
     trajectory_classes: int = at_least(1)
     trajectory_shots: int = at_least(1)
     query_shots: int = at_least(0)
+    remember_size: int = at_least(0)  # meta-loss images of other classes
     first_order: bool = MISSING
+    meta_max_minutes: float | None = positive(None)
+    stream_optimizer: str = choice("adam", "sgd", default="adam")
+
+
+@dataclass
+class ANMLConfig:
+    _target_: str = "metarun.continual.methods.ANML"
+    _partial_: bool = True
+    lr: float = positive()  # the continual-phase learning rate of the head
+    fast_lr: float = positive()  # inner-loop SGD step of the prediction network
+    meta_lr: float = positive()
+    meta_iterations: int = at_least(0)
+    trajectory_shots: int = at_least(1)
+    remember_size: int = at_least(0)
+    nm_channels: list[int] = at_least(1)  # the neuromodulatory network's convolutions
+    nm_pools: list[bool] = MISSING
+    nm_norm: str = choice("none", "batch", "instance")
+    first_order: bool = MISSING
+    meta_max_minutes: float | None = positive(None)
+    stream_optimizer: str = choice("adam", "sgd", default="adam")
+
+
+@dataclass
+class PrototypesConfig:
+    _target_: str = "metarun.continual.methods.Prototypes"
+    _partial_: bool = True
+    meta_lr: float = positive()
+    meta_iterations: int = at_least(0)
+    ways: int = at_least(1)  # classes per meta-training episode
+    shots: int = at_least(1)  # support images per class
+    query_shots: int = at_least(1)
+    lr_decay_every: int = at_least(0)  # halve meta_lr every N episodes; 0: never
+    meta_max_minutes: float | None = positive(None)
+    encoder_checkpoint: str | None = None  # start from another run's encoder (best.pt)
+
+
+@dataclass
+class SBMCLConfig(PrototypesConfig):
+    _target_: str = "metarun.continual.methods.SBMCL"
+    alpha: float = positive()  # the Gamma prior's initial shape (meta-learned)
+    beta: float = positive()  # and rate
+
+
+@dataclass
+class PretrainedConfig:
+    _target_: str = "metarun.continual.methods.Pretrained"
+    _partial_: bool = True
+    lr: float = positive()  # the continual-phase learning rate of the head
+    meta_lr: float = positive()
+    meta_iterations: int = at_least(0)
+    batch_size: int = at_least(1)
+    lr_decay_every: int = at_least(0)
+    meta_max_minutes: float | None = positive(None)
+    stream_optimizer: str = choice("adam", "sgd", default="adam")
 
 
 @dataclass
 class LaMAMLConfig:
     _target_: str = "metarun.continual.methods.LaMAML"
     _partial_: bool = True
-    fast_lr: float = positive()
-    meta_lr: float = positive()
-    adaptation_steps: int = at_least(1)
+    fast_lr: float = positive()  # alpha_init: every per-parameter step size starts here
+    meta_lr: float = positive()  # SGD learning rate of the step sizes
+    glances: int = at_least(1)  # meta-updates per incoming batch
+    inner_batch_size: int = at_least(1)  # examples per inner step (1: the authors' code)
     buffer_size: int = at_least(1)
-    replay_batch_size: int = at_least(1)
+    replay_batch_size: int = at_least(0)
+    grad_clip_norm: float | None = positive(None)  # global-norm clip of each meta-gradient
+    learn_lr: bool = MISSING  # false: fixed step sizes (C-MAML)
+    sync_update: bool = MISSING  # true: SGD at weight_lr on the weights (C-MAML, Sync)
+    weight_lr: float = positive()
     first_order: bool = MISSING
 
 
@@ -128,6 +235,8 @@ SCENARIO_SCHEMAS: dict[str, type] = {
     "permuted_mnist": PermutedMNISTConfig,
     "omniglot_continual": OmniglotContinualConfig,
     "sinusoid_stream": SinusoidStreamConfig,
+    "mnist_rotations": MNISTRotationsConfig,
+    "omniglot_meta_continual": OmniglotMetaContinualConfig,
 }
 ALGO_SCHEMAS: dict[str, type] = {
     "naive": NaiveConfig,
@@ -136,4 +245,9 @@ ALGO_SCHEMAS: dict[str, type] = {
     "ewc": EWCConfig,
     "oml": OMLConfig,
     "lamaml": LaMAMLConfig,
+    "mer": MERConfig,
+    "anml": ANMLConfig,
+    "prototypes": PrototypesConfig,
+    "sbmcl": SBMCLConfig,
+    "pretrained": PretrainedConfig,
 }

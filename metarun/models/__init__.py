@@ -7,7 +7,8 @@ what they need on top (MAML a linear head, ProtoNet nothing).
 
 from metarun.models.conv1d import Conv1D
 from metarun.models.conv4 import Conv4
+from metarun.models.convnet import ConvNet
 from metarun.models.mlp import MLP
 from metarun.models.resnet12 import ResNet12
 
-__all__ = ["Conv1D", "Conv4", "MLP", "ResNet12"]
+__all__ = ["Conv1D", "Conv4", "ConvNet", "MLP", "ResNet12"]

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from metarun import checkpoint
 from metarun.checkpoint import LAST
 from metarun.checks import check_continual
+from metarun.continual import meta_test
 from metarun.continual.methods import ContinualLearner, masked_logits
 from metarun.continual.metrics import heatmap, summarize
-from metarun.continual.scenarios import Scenario, draw
+from metarun.continual.scenarios import MetaTestBenchmark, Scenario, draw
 from metarun.metrics import RunLogger
 from metarun.recipes.resume import resume
 from metarun.run_control import (
@@ -67,6 +68,9 @@ class StreamState:
     initial: list[float] | None = None  # metric of each task before the stream (b)
     matrix: list[list[float]] = field(default_factory=list)  # rows done of R (acc or MSE)
     train_seconds: float = 0.0
+    meta_seconds: float = 0.0  # of which meta-training (its budget: algo.meta_max_minutes)
+    meta_budget_reached: bool = False
+    streams: dict[str, dict[str, float]] = field(default_factory=dict)  # benchmark streams
 
 
 def batch_indices(seed: int, task: int, step: int, n: int, batch_size: int) -> torch.Tensor:
@@ -172,12 +176,18 @@ def _stream(
     )
     method = hardware.prepare(method)
     m = scenario.task.metric  # what R holds: "acc", or "mse" for a regression stream
-    T = len(scenario.tasks)
-    sizes = [
-        sum(scenario.tasks[k].size("train") for k in method.training_tasks(i)) for i in range(T)
-    ]
-    plan = [scenario.epochs * math.ceil(n / scenario.batch_size) for n in sizes]
-    total = method.meta_iterations + sum(plan)
+    benchmark = isinstance(scenario, MetaTestBenchmark)
+    if benchmark:  # many short streams after one meta-training (continual/meta_test.py)
+        T, plan, sizes = 0, [], []
+        streams = len(scenario.sizes) * scenario.draws
+        total = method.meta_iterations + streams
+    else:
+        T = len(scenario.tasks)
+        sizes = [
+            sum(scenario.tasks[k].size("train") for k in method.training_tasks(i)) for i in range(T)
+        ]
+        plan = [scenario.epochs * math.ceil(n / scenario.batch_size) for n in sizes]
+        total = method.meta_iterations + sum(plan)
 
     state, resumes = StreamState(), []
     if saved is not None:
@@ -209,37 +219,30 @@ def _stream(
     logger = RunLogger(run_dir, total, state.iteration, cfg.log_every, cfg.get("logger"))
     try:
         log.info(
-            "%s on %s: %d tasks (%s-incremental), %d updates, %s, run folder %s",
+            "%s on %s: %s, %d updates, %s, run folder %s",
             type(method).__name__,
             scenario.info.get("benchmark", type(scenario).__name__),
-            T,
-            scenario.incremental,
+            f"{streams} streams of N = {scenario.sizes}"
+            if benchmark
+            else f"{T} tasks ({scenario.incremental}-incremental)",
             total,
             hardware.describe(),
             run_dir,
         )
         with logger.console(), StopFlag() as stop:
             startup_s = time.perf_counter() - started_at
-            # 1. Meta-training before the stream (OML); nothing for the other methods.
-            if state.meta_iteration < method.meta_iterations:
-
-                def after_meta_step(it: int, loss: float, metric: float) -> bool:
-                    state.meta_iteration = it
-                    state.iteration += 1
-                    logger.log(state.iteration, {"meta/loss": loss, f"meta/{m}": metric})
-                    logger.progress(state.iteration, loss, metric, 1, m)
-                    if it % cfg.checkpoint_every == 0 or stop.requested:
-                        save()
-                    return stop.requested
-
-                tic = time.perf_counter()
-                with hardware.autocast():
-                    method.pretrain(scenario.meta_train, state.meta_iteration, after_meta_step)
-                state.train_seconds += time.perf_counter() - tic
-                if stop.requested:
+            # 1. Meta-training before the stream; nothing for the methods without one.
+            _meta_train(method, scenario, state, logger, stop, save, hardware, cfg, m)
+            if benchmark:  # 2'. the meta-continual benchmark's streams
+                results = _benchmark(method, scenario, state, logger, stop, save, hardware)
+                if results is None:
                     raise stop.interrupted(run_dir, state.iteration)
-                save()
+                return _benchmark_results(
+                    folder, cfg, config, scenario, method, state, results, logger, hardware,
+                    resumes, None if saved else startup_s,
+                )  # fmt: skip
             if state.initial is None:  # b[j]: before any update on the stream
+                method.begin_stream(None)
                 state.initial = [score(method, scenario, j - 1, j, hardware) for j in range(T)]
             # 2. The stream: tasks in order, each scored on every task afterwards.
             while state.task < T:
@@ -257,8 +260,11 @@ def _stream(
                     state.step += 1
                     state.iteration += 1
                     state.train_seconds += time.perf_counter() - tic
-                    logger.log(state.iteration, {"train/loss": loss, f"train/{m}": metric})
-                    logger.progress(state.iteration, loss, metric, 1, m)
+                    values = {f"train/{m}": metric} | ({} if loss is None else {"train/loss": loss})
+                    logger.log(state.iteration, values)
+                    logger.progress(
+                        state.iteration, math.nan if loss is None else loss, metric, 1, m
+                    )
                     if state.step % cfg.checkpoint_every == 0 or stop.requested:
                         save()
                 if stop.requested:
@@ -307,6 +313,167 @@ def _stream(
         return {f"val/{m}": float("nan"), **summary}
     finally:
         logger.close()
+
+
+def _meta_train(
+    method: ContinualLearner,
+    scenario: Any,
+    state: StreamState,
+    logger: RunLogger,
+    stop: StopFlag,
+    save: Callable[[], None],
+    hardware: Any,
+    cfg: DictConfig,
+    m: str,
+) -> None:
+    """Meta-training (resumable), within ``method.meta_max_minutes`` of training time."""
+    if state.meta_iteration >= method.meta_iterations or state.meta_budget_reached:
+        return
+    budget = method.meta_max_minutes
+    tic = time.perf_counter()
+    spent_before = state.meta_seconds
+
+    def after_meta_step(it: int, loss: float, metric: float) -> bool:
+        state.meta_iteration = it
+        state.iteration += 1
+        state.meta_seconds = spent_before + time.perf_counter() - tic
+        logger.log(state.iteration, {"meta/loss": loss, f"meta/{m}": metric})
+        logger.progress(state.iteration, loss, metric, 1, m)
+        state.meta_budget_reached = bool(budget) and state.meta_seconds >= 60 * budget
+        if it % cfg.checkpoint_every == 0 or stop.requested:
+            save()
+        return stop.requested or state.meta_budget_reached
+
+    method.autocast = hardware.autocast  # entered once per meta-training step (base.py)
+    method.pretrain(scenario.meta_train, state.meta_iteration, after_meta_step)
+    state.train_seconds += time.perf_counter() - tic
+    if stop.requested:
+        raise stop.interrupted(Path(logger.path).parent, state.iteration)
+    if state.meta_budget_reached:
+        log.info(
+            "meta-training ended by its budget (algo.meta_max_minutes=%s) at step %d",
+            budget,
+            state.meta_iteration,
+        )
+    save()
+
+
+def _benchmark(
+    method: ContinualLearner,
+    bench: MetaTestBenchmark,
+    state: StreamState,
+    logger: RunLogger,
+    stop: StopFlag,
+    save: Callable[[], None],
+    hardware: Any,
+) -> dict[str, Any] | None:
+    """The meta-continual benchmark's streams (:func:`metarun.continual.meta_test.
+    run_benchmark`); each finished stream is kept in ``state`` (a resumed run skips it) and
+    a checkpoint written at most once a minute. ``None`` when a signal stopped it."""
+    clock = {"last": time.perf_counter(), "saved": time.perf_counter()}
+
+    def progress(key: str, result: dict[str, float]) -> bool:
+        now = time.perf_counter()
+        state.train_seconds += now - clock["last"]
+        clock["last"] = now
+        state.streams[key] = result
+        state.iteration += 1
+        phase = key.split("/")[0]
+        logger.log(
+            state.iteration,
+            {f"{phase}/test_acc": result["test"], f"{phase}/train_acc": result["train"]},
+        )
+        logger.progress(state.iteration, float("nan"), result["test"], 1, "acc")
+        if stop.requested or now - clock["saved"] > 60:
+            save()
+            clock["saved"] = now
+        return stop.requested
+
+    results = meta_test.run_benchmark(method, bench, hardware, state.streams, progress)
+    return results
+
+
+def _benchmark_results(
+    folder: RunFolder,
+    cfg: DictConfig,
+    config: dict,
+    bench: MetaTestBenchmark,
+    method: ContinualLearner,
+    state: StreamState,
+    results: dict[str, Any],
+    logger: RunLogger,
+    hardware: Any,
+    resumes: list,
+    startup_s: float | None,
+) -> dict[str, float]:
+    """Logs and writes the benchmark's table (accuracy against N, with 95% CIs) and its
+    figure; returns the summary metrics."""
+    per_size = results["per_size"]
+    summary: dict[str, float] = {}
+    lines = ["| N | meta-test test | meta-test train | learning rate |", "|---|---|---|---|"]
+    for n, entry in per_size.items():
+        test, train = entry["test"], entry["train"]
+        summary[f"meta_test/test_acc_N{n}"] = test["mean"]
+        summary[f"meta_test/train_acc_N{n}"] = train["mean"]
+        lines.append(
+            f"| {n} | {100 * test['mean']:.2f} ± {100 * (test['ci95'] or 0):.2f} | "
+            f"{100 * train['mean']:.2f} ± {100 * (train['ci95'] or 0):.2f} | {entry['lr']} |"
+        )
+    table = "\n".join(lines)
+    log.info(
+        "meta-continual benchmark, %s (mean ± 95%% CI over draws):\n%s",
+        type(method).__name__,
+        table,
+    )
+    logger.log(state.iteration, summary)
+    summary["val/acc"] = float("nan")  # for a sweeper: the benchmark has no validation split
+    logger.tb.add_text("meta_test/table", table, state.iteration)
+    from metarun import figures
+
+    if figures.warn_missing():
+        series = {
+            part: [(int(n), e[part]["mean"], e[part]["ci95"] or 0.0) for n, e in per_size.items()]
+            for part in ("test", "train")
+        }
+        fig = figures.accuracy_vs_n(
+            {f"meta-test {k}": v for k, v in series.items()},
+            title=f"{type(method).__name__}: accuracy against the number of classes",
+        )
+        logger.tb.add_image("meta_test/accuracy_vs_n", figures.to_rgb(fig), state.iteration)
+    folder.write_json(
+        "results.json",
+        {
+            "metric": "acc",
+            "meta_test": per_size,
+            "benchmark": bench.describe(),
+            "protocol": {
+                "scenario": bench.info.get("benchmark"),
+                "method": type(method).__name__,
+                "algo": {
+                    k: v
+                    for k, v in OmegaConf.to_container(cfg.algo, resolve=True).items()
+                    if not k.startswith("_")
+                },
+                "model": cfg.model._target_.rsplit(".", 1)[-1],
+                "seed": cfg.seed,
+                "metrics": "accuracy among the N classes of a stream after learning it, on "
+                "each class's other drawings (meta-test test) and on its training drawings "
+                "(meta-test train); mean and 95% CI (Student's t) over the draws",
+            },
+            "training": {
+                "meta_iterations": state.meta_iteration,
+                "meta_seconds": round(state.meta_seconds, 1),
+                "meta_ended_by_time_budget": state.meta_budget_reached,
+                "seconds": round(state.train_seconds, 1),
+                "startup_seconds": None if startup_s is None else round(startup_s, 2),
+                **machine(hardware),
+            },
+            **({"resumes": resumes} if resumes else {}),
+            "versions": versions(),
+            "config": config,
+        },
+    )
+    return summary
 
 
 def _task_sampler(scenario: Scenario, task: int, seed: int, hardware: Any):
