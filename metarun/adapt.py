@@ -75,6 +75,7 @@ def adapt(
     Raises:
         DataError, ConfigError, ValueError, FileNotFoundError: input that cannot be used,
             named with the fix, before anything is computed or written.
+        FileExistsError: ``out.csv`` or ``out.json`` exists (nothing is overwritten).
     """
     paths = _out_paths(out) if out is not None else None
     model = trained.load(run, device)

@@ -336,6 +336,13 @@ def test_the_command_line_refuses_with_exit_status_2(protonet_run, tmp_path, cap
     assert "give support=DIR_OR_FILE" in capsys.readouterr().err
     assert main([str(tmp_path / "none"), "support=a", "query=b"]) == 2
     assert "does not exist: give a run folder" in capsys.readouterr().err
+    listed = command("--help", cwd=tmp_path)
+    assert "metarun adapt RUN support=DIR query=DIR [out=FILE]" in listed.stdout
+    helped = command("adapt", "--help", cwd=tmp_path)
+    assert helped.returncode == 0 and "usage: metarun adapt" in helped.stdout
+    assert all(f"  {key}=..." in helped.stdout for key in ("support", "query", "out", "steps"))
+    refused = command("adapt", str(protonet_run), "support=nowhere", "query=q", cwd=tmp_path)
+    assert refused.returncode == 2 and "metarun adapt: error: support=nowhere" in refused.stderr
 
 
 # --- 4. every classification algorithm, and the preparation of tensor files ---------------
