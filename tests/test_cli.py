@@ -261,7 +261,7 @@ def test_help_shows_the_user_facing_groups_the_data_folder_and_the_other_command
         "  logger: csv, mlflow, tensorboard, wandb",
         "  debug: tiny",
         "  hardware: auto, cpu, cuda",
-        "  model: conv4, mlp, mlp_sinusoid, resnet12",
+        "  model: conv1d, conv4, mlp, mlp_sinusoid, resnet12",
     ):
         assert line in out.splitlines(), line
     assert "  algo: anil," in out and "  experiment: anil_omniglot_5w1s," in out

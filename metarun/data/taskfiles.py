@@ -144,10 +144,11 @@ def check_shape(examples: Examples, fmt: InputFormat, role: str) -> None:
         what = f": {channels} of {fmt.shape[1]}x{fmt.shape[2]} pixels"
         if len(got) == 3 and got[0] != fmt.shape[0]:
             what += f" (these have {got[0]} channels)"
+    folder = " (or a folder of images, which is converted and resized to it)"
     raise DataError(
         f"the {role} set {examples.source} holds examples of shape {tuple(examples.x.shape)}, "
         f"but the run was trained on inputs of shape {expected}{what}. Give examples of "
-        f"that shape (or a folder of images, which is resized and converted to it)."
+        f"that shape{folder if fmt.takes_images else ''}."
     )
 
 
