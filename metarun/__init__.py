@@ -6,7 +6,9 @@ modules that use them. The Python API loads on first use:
 - ``metarun.run(cfg, run_dir=None)``: runs a composed config (either recipe) and returns
   its summary metrics (:func:`metarun.recipes.run`);
 - ``metarun.load(run_or_checkpoint)``: a trained run's algorithm, ready to adapt to new
-  tasks (:func:`metarun.trained.load`).
+  tasks (:func:`metarun.trained.load`; ``.predict(support_x, support_y, query_x)``).
+
+docs/PYTHON_API.md shows both, and metarun's algorithms in your own training loop.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ metarun --multirun algo=maml,protonet seed=0,1
 metarun resume=outputs/runs/2026-11-22/10-00-00 [train.meta_lr=...]
 metarun test=outputs/runs/2026-11-22/10-00-00 eval.test_episodes=6000
 metarun report outputs/multirun/2026-11-22/10-00-00   (metarun.report)
+metarun adapt outputs/runs/2026-11-22/10-00-00 support=DIR query=DIR   (metarun.adapt)
 
 Exit status: 0 when the run (every job of a sweep) succeeded; 2 for a problem with the
 input (config, data, checkpoint: the message says which and how to fix it); 1 when a job of
@@ -195,6 +196,10 @@ def main() -> None:
         from metarun.report import main as report
 
         sys.exit(report(sys.argv[2:]))
+    if sys.argv[1:2] == ["adapt"]:  # metarun adapt RUN support=... query=...: a new task
+        from metarun.adapt import main as adapt
+
+        sys.exit(adapt(sys.argv[2:]))
     register_configs()
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:  # under torchrun only rank 0 writes the run folder (metarun.distributed)

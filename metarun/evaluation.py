@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from metarun.algorithms.base import MetaLearner
-from metarun.data.episodes import ClassPool, EpisodeSampler
+from metarun.data.episodes import ClassPool, Episode, EpisodeSampler
 from metarun.hardware import Hardware
 from metarun.tasks import accuracy
 
@@ -81,7 +81,6 @@ def evaluate(
     capabilities = type(algo).capabilities
     if steps is not None and not capabilities.adaptation_steps:
         raise ValueError(f"{type(algo).__name__} takes no adaptation step count")
-    adapt_kwargs = {} if steps is None else {"steps": steps}
     extra: dict[str, list[float]] = {}
     was_training = algo.training  # type: ignore[attr-defined]
     algo.eval()  # type: ignore[attr-defined]
@@ -91,10 +90,10 @@ def evaluate(
             if should_stop is not None and should_stop():
                 raise EvaluationStopped
             ep = sampler.sample().to(hardware.device, hardware.memory_format)
+            predictions = predict_queries(algo, ep, hardware, steps)
             with hardware.autocast():
-                predict = algo.adapt(ep.support_x, ep.support_y, **adapt_kwargs)
                 with torch.no_grad():
-                    accs[i] = score(predict(ep.query_x), ep.query_y).item()
+                    accs[i] = score(predictions, ep.query_y).item()
                 if capabilities.episode_metrics:
                     for name, value in algo.episode_metrics(ep).items():
                         extra.setdefault(name, []).append(value)
@@ -106,6 +105,23 @@ def evaluate(
         m, c = mean_ci95(torch.tensor(values))
         summaries[name] = {"mean": m, "ci95": c, "episodes": len(values)}
     return EvalResult(mean, ci95, episodes, metric, summaries, accs.tolist())
+
+
+def predict_queries(
+    algo: MetaLearner, episode: Episode, hardware: Hardware, steps: int | None = None
+) -> torch.Tensor:
+    """``algo`` adapts to the episode's support set and predicts its queries, in
+    ``hardware``'s precision; the episode is on ``hardware``'s device already
+    (:meth:`Episode.to`). ``steps``: as in :func:`evaluate`. Every query is predicted in
+    one batch, as in the test episodes (with ``bn_mode=transductive`` the queries share
+    their batch-norm statistics). Returns ``(n_query, ways)`` logits or ``(n_query,
+    outputs)`` targets. The evaluation (:func:`evaluate`) and ``metarun adapt``
+    (:meth:`metarun.trained.Trained.predict`) both predict through this function."""
+    adapt_kwargs = {} if steps is None else {"steps": steps}
+    with hardware.autocast():
+        predict = algo.adapt(episode.support_x, episode.support_y, **adapt_kwargs)
+        with torch.no_grad():
+            return predict(episode.query_x)
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:

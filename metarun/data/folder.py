@@ -381,6 +381,11 @@ def _walk(
     classes["/".join(parts)] = images
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether ``path``'s extension is one Pillow reads (and its name does not start with ``.``)."""
+    return _is_image(path.name, _image_extensions())
+
+
 def _image_extensions() -> set[str]:
     from PIL import Image
 
@@ -414,4 +419,4 @@ def decode(path: Path, size: int, channels: int, invert: bool = False) -> torch.
     return 255 - pixels if invert else pixels
 
 
-__all__ = ["ImageFolder", "DataError", "decode"]
+__all__ = ["ImageFolder", "DataError", "decode", "is_image_file"]

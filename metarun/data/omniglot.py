@@ -57,6 +57,9 @@ class Omniglot:
     """
 
     channels = 1
+    invert = True
+    """Images are stored as ``255 - pixel`` (strokes bright); ``metarun adapt`` prepares a
+    user's images the same way."""
 
     def __init__(
         self,

@@ -97,9 +97,11 @@ class TensorFile:
         rows: dict[str, list[int]] = {}
         for i, label in enumerate(labels):
             rows.setdefault(label, []).append(i)
+        self.standardization: tuple[torch.Tensor, torch.Tensor] | None = None
         if standardize:
             train_rows = [r for c in splits["train"] for r in rows[c]]
-            x = _standardize(x, train_rows)
+            self.standardization = standardization(x, train_rows)
+            x = standardize_examples(x, self.standardization)
         self.examples = x
         self.names = {s: list(splits[s]) for s in SPLITS}
         self._pools = {
@@ -164,7 +166,7 @@ class TensorFile:
                 f"read: give one file, or use split=files for a folder of train/val/test files."
             )
         x, labels = self._read(self.path)
-        classes = _sorted_labels(labels)
+        classes = sorted_labels(labels)
         if self.mode == "lists":
             lists = classsplit.read_lists(lists_dir)
             paths = classsplit.list_files(lists_dir)
@@ -191,18 +193,26 @@ class TensorFile:
 
     def _read(self, path: Path) -> tuple[torch.Tensor, list[str]]:
         """``(x (n, ...), labels)`` of one file, checked."""
-        suffix = path.suffix.lower()
-        if suffix not in SUFFIXES:
-            raise DataError(
-                f"{path}: unknown file type {suffix!r}; dataset=tensors reads "
-                f"{', '.join(SUFFIXES)} files"
-            )
-        reader = {".npz": _read_npz, ".pt": _read_pt, ".csv": _read_csv, ".parquet": _read_parquet}
-        if suffix in (".csv", ".parquet"):
-            x, y = reader[suffix](path, self.label_column)
-        else:
-            x, y = reader[suffix](path)
+        x, y = read_arrays(path, self.label_column)
         return _check(path, x, y)
+
+
+def read_arrays(path: Path, label_column: str = "label", require_y: bool = True) -> tuple[Any, Any]:
+    """The examples ``x`` and labels ``y`` of a ``.npz``, ``.pt``, ``.csv`` or ``.parquet``
+    file, as stored (numpy arrays or tensors; see the module docstring), unchecked. Without
+    ``require_y``, a file without labels (no ``y`` array or key, no ``label_column``) gives
+    ``y = None`` and, for ``.csv`` and ``.parquet``, every column as a feature.
+
+    Raises:
+        DataError: an unknown file type, or a file that cannot be read (named with the cause).
+    """
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unknown file type {suffix!r}; give a {', '.join(SUFFIXES)} file")
+    if suffix in (".csv", ".parquet"):
+        reader = _read_csv if suffix == ".csv" else _read_parquet
+        return reader(path, label_column, require_y)
+    return (_read_npz if suffix == ".npz" else _read_pt)(path, require_y)
 
 
 def _split_file(folder: Path, split: str) -> Path:
@@ -229,13 +239,15 @@ def _concat(
         )
     x = torch.cat([parts[s][0] for s in SPLITS])
     labels = [label for s in SPLITS for label in parts[s][1]]
-    return x, labels, {s: _sorted_labels(parts[s][1]) for s in SPLITS}
+    return x, labels, {s: sorted_labels(parts[s][1]) for s in SPLITS}
 
 
-def _read_npz(path: Path) -> tuple[Any, Any]:
+def _read_npz(path: Path, require_y: bool = True) -> tuple[Any, Any]:
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("x", "y") if k not in data.files]
+            if missing == ["y"] and not require_y:
+                return data["x"], None
             if missing:
                 raise DataError(
                     f"{path} has no array named {' or '.join(missing)} (its arrays: "
@@ -251,7 +263,7 @@ def _read_npz(path: Path) -> tuple[Any, Any]:
         ) from err
 
 
-def _read_pt(path: Path) -> tuple[Any, Any]:
+def _read_pt(path: Path, require_y: bool = True) -> tuple[Any, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types; none may leave a half-read state
@@ -259,6 +271,8 @@ def _read_pt(path: Path) -> tuple[Any, Any]:
             f"cannot read {path} with torch.load(weights_only=True) ({type(err).__name__}: "
             f"{err}); save a dict of tensors: torch.save({{'x': x, 'y': y}}, path)."
         ) from err
+    if isinstance(data, dict) and "x" in data and "y" not in data and not require_y:
+        return data["x"], None
     if not isinstance(data, dict) or not {"x", "y"} <= set(data):
         keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise DataError(
@@ -268,7 +282,7 @@ def _read_pt(path: Path) -> tuple[Any, Any]:
     return data["x"], data["y"]
 
 
-def _read_csv(path: Path, label_column: str) -> tuple[Any, Any]:
+def _read_csv(path: Path, label_column: str, require_y: bool = True) -> tuple[Any, Any]:
     try:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
@@ -277,19 +291,19 @@ def _read_csv(path: Path, label_column: str) -> tuple[Any, Any]:
     if not rows:
         raise DataError(f"{path} is empty: expected a header row, then one example a row")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
-    col = _label_index(path, header, label_column)
+    col = _label_index(path, header, label_column, require_y)
     widths = {len(r) for r in body}
     if widths - {len(header)}:
         bad = next(i for i, r in enumerate(rows[1:], start=2) if r and len(r) != len(header))
         raise DataError(
             f"{path}, line {bad}: {len(rows[bad - 1])} cells where the header has {len(header)}"
         )
-    labels = [r[col].strip() for r in body]
-    features = [r[:col] + r[col + 1 :] for r in body]
+    labels = None if col is None else [r[col].strip() for r in body]
+    features = body if col is None else [r[:col] + r[col + 1 :] for r in body]
     try:
         x = np.array(features, dtype=np.float32)
     except ValueError:
-        names = header[:col] + header[col + 1 :]
+        names = header if col is None else header[:col] + header[col + 1 :]
         for line, row in enumerate(features, start=2):
             for name, cell in zip(names, row, strict=True):
                 try:
@@ -300,10 +314,11 @@ def _read_csv(path: Path, label_column: str) -> tuple[Any, Any]:
                         f"every column but the label column ({label_column!r}) must be numeric."
                     ) from None
         raise
-    return x.reshape(len(body), len(header) - 1), np.array(labels)
+    width = len(header) - (col is not None)
+    return x.reshape(len(body), width), None if labels is None else np.array(labels)
 
 
-def _read_parquet(path: Path, label_column: str) -> tuple[Any, Any]:
+def _read_parquet(path: Path, label_column: str, require_y: bool = True) -> tuple[Any, Any]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -331,8 +346,8 @@ def _read_parquet(path: Path, label_column: str) -> tuple[Any, Any]:
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read {path} as Parquet ({type(err).__name__}: {err})") from err
     header = list(columns)
-    col = _label_index(path, header, label_column)
-    names = [h for h in header if h != header[col]]
+    col = _label_index(path, header, label_column, require_y)
+    names = [h for h in header if col is None or h != header[col]]
     for name in names:
         if columns[name].dtype.kind not in "biuf":
             raise DataError(
@@ -342,10 +357,15 @@ def _read_parquet(path: Path, label_column: str) -> tuple[Any, Any]:
     x = np.stack([columns[n].astype(np.float32) for n in names], axis=1) if names else None
     if x is None:
         raise DataError(f"{path} has no feature column besides {label_column!r}")
-    return x, columns[header[col]]
+    return x, None if col is None else columns[header[col]]
 
 
-def _label_index(path: Path, header: list[str], label_column: str) -> int:
+def _label_index(
+    path: Path, header: list[str], label_column: str, require_y: bool = True
+) -> int | None:
+    """The label column's index; ``None`` when it is absent and not required."""
+    if label_column not in header and not require_y:
+        return None
     if label_column not in header:
         raise DataError(
             f"{path} has no column {label_column!r} (its columns: {', '.join(header[:10])}"
@@ -359,6 +379,20 @@ def _label_index(path: Path, header: list[str], label_column: str) -> int:
 
 def _check(path: Path, x: Any, y: Any) -> tuple[torch.Tensor, list[str]]:
     """``x`` as a uint8 or float32 tensor and ``y`` as one class name per example."""
+    x = check_examples(path, x)
+    labels = label_names(path, y)
+    if len(labels) != x.shape[0]:
+        raise DataError(f"{path}: x has {x.shape[0]} examples but y has {len(labels)} labels")
+    return x, labels
+
+
+def check_examples(path: Path, x: Any) -> torch.Tensor:
+    """``x`` ``(n, ...)`` as read from ``path`` -> a contiguous uint8 (kept as bytes) or
+    float32 tensor, checked: numbers, 2 to 4 dimensions, finite.
+
+    Raises:
+        DataError: naming the file and the problem.
+    """
     x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x.detach()
     if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_int(x)):
         raise DataError(f"{path}: x holds {x.dtype} values; give numbers (floats or integers)")
@@ -371,17 +405,15 @@ def _check(path: Path, x: Any, y: Any) -> tuple[torch.Tensor, list[str]]:
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
         raise DataError(f"{path}: x holds NaN or infinite values (first in example {bad})")
-    labels = _label_names(path, y)
-    if len(labels) != x.shape[0]:
-        raise DataError(f"{path}: x has {x.shape[0]} examples but y has {len(labels)} labels")
-    return x.contiguous(), labels
+    return x.contiguous()
 
 
 def _is_int(x: torch.Tensor) -> bool:
     return x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _label_names(path: Path, y: Any) -> list[str]:
+def label_names(path: Path, y: Any) -> list[str]:
+    """Labels ``y`` ``(n,)`` (integers or strings) as one class name per example."""
     if isinstance(y, list) and all(isinstance(v, str) for v in y):
         return list(y)
     y = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
@@ -396,7 +428,7 @@ def _label_names(path: Path, y: Any) -> list[str]:
     raise DataError(f"{path}: y holds {y.dtype} values; class labels must be integers or strings")
 
 
-def _sorted_labels(labels: Sequence[str]) -> list[str]:
+def sorted_labels(labels: Sequence[str]) -> list[str]:
     """Distinct labels, numerically sorted when they are all integers."""
     distinct = set(labels)
     if all(_is_integer(v) for v in distinct):
@@ -408,16 +440,30 @@ def _is_integer(text: str) -> bool:
     return text.lstrip("-").isdigit()
 
 
-def _standardize(x: torch.Tensor, train_rows: list[int]) -> torch.Tensor:
-    """``x`` (as float32) less the mean, over the train rows, of each feature (2-D ``x``) or
-    channel, divided by its standard deviation (1 where that is 0)."""
-    x = x.float()
-    train = x[train_rows]
+def standardization(x: torch.Tensor, train_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation (1 where that is 0), over the train rows of ``x``
+    (as float32), of each feature (2-D ``x``) or channel, shaped ``(1, features)`` or
+    ``(1, channels, 1[, 1])`` to broadcast over ``x``."""
+    train = x[train_rows].float()
     dims = [0] if x.dim() == 2 else [0, *range(2, x.dim())]
     mean = train.mean(dim=dims, keepdim=True)
     std = train.std(dim=dims, keepdim=True)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return ((x - mean) / std).contiguous()
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
-__all__ = ["TensorFile", "DataError"]
+def standardize_examples(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x`` (as float32) less the mean of :func:`standardization`, divided by its std."""
+    mean, std = stats
+    return ((x.float() - mean) / std).contiguous()
+
+
+__all__ = [
+    "TensorFile",
+    "DataError",
+    "read_arrays",
+    "check_examples",
+    "label_names",
+    "sorted_labels",
+    "standardization",
+    "standardize_examples",
+]
