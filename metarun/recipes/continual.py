@@ -27,8 +27,9 @@ from metarun import checkpoint
 from metarun.checkpoint import LAST
 from metarun.checks import check_continual
 from metarun.continual.methods import ContinualLearner, masked_logits
-from metarun.continual.metrics import heatmap, summarize
+from metarun.continual.metrics import summarize
 from metarun.continual.scenarios import Scenario, draw
+from metarun.hparams import log_run
 from metarun.metrics import RunLogger
 from metarun.recipes.resume import resume
 from metarun.run_control import (
@@ -269,8 +270,9 @@ def _stream(
                 row = [score(method, scenario, i, j, hardware) for j in range(T)]
                 state.matrix.append(row)
                 state.task, state.step = i + 1, 0
-                _log_row(logger, state, row, i, m)
+                _log_row(logger, state, row, i, m, [t.name for t in scenario.tasks])
                 save()
+            logger.end_training()
         R, b = state.matrix, state.initial
         metrics = summarize(R, b, m)
         log.info("%s matrix (row i: after task i):\n%s", _NAMES[m], _format(R, m))
@@ -285,6 +287,7 @@ def _stream(
         )
         summary = {f"continual/{k}": (float("nan") if v is None else v) for k, v in metrics.items()}
         logger.log(state.iteration, summary)
+        log_run(logger, config, run_dir, tuple(summary))
         results = {
             "metric": m,
             "continual": metrics,
@@ -326,23 +329,32 @@ def _task_sampler(scenario: Scenario, task: int, seed: int, hardware: Any):
 _NAMES = {"acc": "accuracy", "mse": "mse"}
 
 
-def _log_row(logger: RunLogger, state: StreamState, row: list[float], i: int, m: str) -> None:
+def _log_row(
+    logger: RunLogger,
+    state: StreamState,
+    row: list[float],
+    i: int,
+    m: str,
+    labels: list[str],
+) -> None:
     """After task ``i``: the mean metric ``m`` (``acc`` or ``mse``) over the tasks seen so
-    far and over all tasks, each task's, and the matrix so far as a heatmap image (MSE
-    drawn on [0, the largest MSE of the matrix and of the untrained model])."""
+    far and over all tasks, each task's, and the matrix so far (tasks named by ``labels``)
+    as a figure with its numbers (:func:`metarun.figures.accuracy_matrix`; skipped, with
+    one warning, without matplotlib) and as a markdown table."""
+    from metarun import figures
+
     values = {
         f"stream/{m}_seen": sum(row[: i + 1]) / (i + 1),
         f"stream/{m}_all": sum(row) / len(row),
         **{f"stream/task_{j:03d}": v for j, v in enumerate(row)},
     }
     logger.log(state.iteration, values)
-    matrix = torch.tensor(state.matrix)
-    if m == "acc":
-        image = heatmap(matrix)
-    else:
-        worst = max(float(matrix.max()), max(state.initial or [0.0]), 1e-12)
-        image = heatmap(matrix, higher_is_better=False, scale=worst)
-    logger.tb.add_image(f"stream/{_NAMES[m]}_matrix", image, state.iteration)
+    tag = f"stream/{_NAMES[m]}_matrix"
+    if figures.warn_missing():
+        figure = figures.accuracy_matrix(state.matrix, labels, m)
+        logger.log_figure(tag, figure, state.iteration)
+    table = figures.matrix_markdown(state.matrix, labels, m)
+    logger.log_text(f"{tag}_table", table, state.iteration)
     log.info(
         "after task %d: %s on the tasks seen so far %.4f", i, _NAMES[m], values[f"stream/{m}_seen"]
     )
