@@ -54,6 +54,10 @@ def _main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
     overrides = list(hydra_cfg.overrides.task)
+    if multirun:  # each job's log lines and bars say which job they are: [job 3] ...
+        from metarun.metrics import tag_job
+
+        tag_job(hydra_cfg.job.num)
     try:
         if cfg.resume and cfg.test:
             raise ConfigError(
@@ -133,6 +137,9 @@ class SweepSummary(Callback):
     ``metarun`` exit with status 1 if any did."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from metarun.metrics import tag_job
+
+        tag_job(None)  # the summary is the sweep's, not its last job's
         sweep_dir = Path(config.hydra.sweep.dir)
         failures = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob(FAILURE))]
         failures.sort(key=lambda f: f["job"])

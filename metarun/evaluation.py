@@ -71,13 +71,14 @@ def evaluate(
     metric: str = "acc",
     steps: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_episode: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Adapts ``algo`` to the support set of each of the next ``episodes`` episodes and
     scores its query predictions with ``score`` (the task's metric, named ``metric``).
     ``steps`` asks an algorithm that declares ``adaptation_steps`` for that many adaptation
     steps instead of its ``test_adaptation_steps``. ``should_stop`` is asked before each
-    episode; when it answers yes, :class:`EvaluationStopped` is raised. The algorithm's
-    state is left as it was."""
+    episode; when it answers yes, :class:`EvaluationStopped` is raised. ``on_episode`` is
+    called after each episode (a progress bar). The algorithm's state is left as it was."""
     capabilities = type(algo).capabilities
     if steps is not None and not capabilities.adaptation_steps:
         raise ValueError(f"{type(algo).__name__} takes no adaptation step count")
@@ -97,6 +98,8 @@ def evaluate(
                 if capabilities.episode_metrics:
                     for name, value in algo.episode_metrics(ep).items():
                         extra.setdefault(name, []).append(value)
+            if on_episode is not None:
+                on_episode()
     finally:
         algo.train(was_training)  # type: ignore[attr-defined]
     mean, ci95 = mean_ci95(accs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,16 @@ def _task_labels(n: int, labels: Sequence[str] | None) -> list[str]:
     return [str(x) for x in labels]
 
 
+def _short_labels(names: list[str], limit: int = 22) -> list[str]:
+    """Task names for an axis: without the folder prefix they all share, at most ``limit``
+    characters (the end of a longer name, after an ellipsis)."""
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind("/") + 1]
+    if len(names) > 1 and prefix and all(len(n) > len(prefix) for n in names):
+        names = [n[len(prefix) :] for n in names]
+    return [n if len(n) <= limit else "…" + n[-(limit - 1) :] for n in names]
+
+
 def matrix_markdown(matrix: Any, labels: Sequence[str] | None = None, metric: str = "acc") -> str:
     """The matrix ``R`` of a task stream (``R[i][j]``: the metric on task ``j`` after
     training on task ``i``; ``(rows, T)``) as a markdown table, row ``i`` labelled "after
@@ -130,16 +141,23 @@ def accuracy_matrix(
     title: str | None = None,
 ) -> Figure:
     """A heatmap of the matrix ``R`` (``(rows, T)``) of a task stream, with the value in
-    each cell, the tasks on both axes and a colour bar. Accuracy is drawn in percent on
-    [0, 100] (higher is yellow), MSE on [0, its largest finite value] (lower is yellow)."""
+    each cell (up to 25 tasks), the tasks on both axes and a colour bar. Accuracy is drawn
+    in percent on [0, 100] (higher is yellow), MSE on [0, its largest finite value] (lower
+    is yellow). Long task names are shortened on the axes (a prefix all share, such as
+    ``images_evaluation/``, is dropped; then the end of each is kept); with more than 25
+    tasks every k-th is named, and the figure stays under 14 x 12 inches."""
     import numpy as np
 
     rows = _as_rows(matrix)
     values = np.array(rows, dtype=float) * (100 if metric == "acc" else 1)
     n_rows, n_tasks = values.shape
-    names = _task_labels(n_tasks, labels)
-    side = max(3.0, 0.55 * n_tasks + 1.8)
-    fig = _figure(side + 1.2, max(2.6, 0.5 * n_rows + 1.6))
+    names = _short_labels(_task_labels(n_tasks, labels))
+    longest = max(len(n) for n in names)
+    crowded = n_tasks > 6 or n_tasks * longest > 40  # side by side, the labels would touch
+    every = math.ceil(n_tasks / 25)  # the tasks named on the axes: every k-th
+    width = min(max(3.0, 0.55 * n_tasks + 1.8), 12.0) + 1.2 + 0.07 * (longest + 6)
+    height = min(max(2.6, 0.5 * n_rows + 1.6), 10.0) + (0.06 * longest if crowded else 0.0)
+    fig = _figure(width, height)
     ax = fig.add_subplot()
     finite = values[np.isfinite(values)]
     if metric == "acc":
@@ -150,12 +168,12 @@ def accuracy_matrix(
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     fig.colorbar(image, ax=ax, label=label)
     ax.set_xticks(
-        range(n_tasks),
-        names,
-        rotation=45 if n_tasks > 6 else 0,
-        ha="right" if n_tasks > 6 else "center",
+        range(0, n_tasks, every),
+        names[::every],
+        rotation=45 if crowded else 0,
+        ha="right" if crowded else "center",
     )
-    ax.set_yticks(range(n_rows), [f"after {n}" for n in names[:n_rows]])
+    ax.set_yticks(range(0, n_rows, every), [f"after {n}" for n in names[:n_rows:every]])
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("trained up to")
     if n_tasks <= 25:

@@ -34,27 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# MACHINE_KEYS: config keys that do not change what a run learns or how it is tested, left
+# out when runs are grouped (with ``seed``, which a group spans), as from a run's hparams.
+from metarun.hparams import MACHINE_KEYS
 from metarun.stats import mean_t_ci95
-
-# Config keys that do not change what a run learns or how it is tested: left out when
-# runs are grouped (with ``seed``, which a group spans). A prefix covers its sub-keys.
-MACHINE_KEYS = (
-    "data_dir",
-    "cache_dir",
-    "dataset.root",
-    "dataset.cache_dir",
-    "dataset.download",
-    "dataset.mirror",
-    "scenario.root",
-    "scenario.cache_dir",
-    "scenario.download",
-    "resume",
-    "test",
-    "hardware",
-    "log_every",
-    "checkpoint_every",
-    "logger",
-)
 
 # The protocol entries (results.json) that fix the test episodes: runs that agree on all of
 # them were tested on the same episodes, in the same order.

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from metarun.continual.metrics import (
     average_accuracy,
     backward_transfer,
     forgetting,
     forward_transfer,
-    heatmap,
     summarize,
 )
 
@@ -70,11 +68,3 @@ def test_metrics_refuse_malformed_inputs():
         average_accuracy([[0.1, 0.2]])
     with pytest.raises(ValueError, match="one accuracy per task"):
         forward_transfer(R, [0.1, 0.2])
-
-
-def test_heatmap_colours_cells_by_accuracy():
-    img = heatmap(torch.tensor([[0.0, 1.0]]), cell=8)
-    assert img.shape == (3, 8, 16) and img.dtype == torch.uint8
-    low, high = img[:, 4, 4].tolist(), img[:, 4, 12].tolist()
-    assert low == [68, 1, 84] and high == [253, 231, 37]  # viridis ends
-    assert img[:, 0, 5].tolist() == [128, 128, 128]  # grid line

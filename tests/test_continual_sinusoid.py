@@ -22,7 +22,6 @@ from metarun.continual.metrics import (
     backward_transfer,
     forgetting,
     forward_transfer,
-    heatmap,
     summarize,
 )
 from metarun.continual.scenarios import ScenarioError, SineFunctions, sinusoid_stream
@@ -93,12 +92,6 @@ def test_one_function_and_unknown_metrics():
     }
     with pytest.raises(ValueError, match="unknown metric 'rmse'"):
         summarize(M, B, "rmse")
-
-
-def test_mse_heatmap_draws_zero_error_as_the_best_colour():
-    img = heatmap(torch.tensor([[0.0, 4.0]]), cell=8, higher_is_better=False, scale=4.0)
-    assert img[:, 4, 4].tolist() == [253, 231, 37]  # MSE 0: yellow, like accuracy 1
-    assert img[:, 4, 12].tolist() == [68, 1, 84]  # the largest MSE: dark purple
 
 
 # --- the scenario -----------------------------------------------------------------------------

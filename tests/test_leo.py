@@ -217,9 +217,13 @@ def test_resumed_run_ends_like_an_uninterrupted_one(make_cfg, tmp_path, one_thre
         rows = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
         return [r for r in rows if len(r) > 1]
 
-    # The stopped run also tested its iteration-2 model before being resumed; drop that row.
+    # The stopped run also tested its iteration-2 model (and logged its best validation)
+    # before being resumed; drop those rows.
+    ended = ("test/acc", "val/best_acc")
     stopped = [
-        r for r in metrics(tmp_path / "stopped") if "test/acc" not in r or r["iteration"] == 4
+        r
+        for r in metrics(tmp_path / "stopped")
+        if not any(k in r for k in ended) or r["iteration"] == 4
     ]
     assert stopped == metrics(tmp_path / "ref")
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())["test"]

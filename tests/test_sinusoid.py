@@ -134,7 +134,8 @@ def test_end_to_end_sinusoid_run_logs_mse_steps_and_curves(
 ):
     tiny = [o for o in tiny_overrides(data_dir, cache_dir) if o != "model.hidden=8"]
     run_dir = tmp_path / "run"
-    done = metarun(*tiny, *SINUSOID, one_thread, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    csv = "logger=[tensorboard,csv]"
+    done = metarun(*tiny, *SINUSOID, one_thread, csv, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["test"]["after_steps"]) == {"1", "5", "10"}
@@ -158,6 +159,12 @@ def test_end_to_end_sinusoid_run_logs_mse_steps_and_curves(
     assert "train/acc" not in events.Tags()["scalars"]
     (image,) = events.Images("test/adapted_curves")  # metarun.figures.sinusoid_tasks, 2x2
     assert (image.width, image.height) == (1000, 680)
+    # The other backends get the figure and the hparams too (the selection metric: val/mse).
+    assert (run_dir / "figures" / "test" / "adapted_curves" / f"{image.step}.png").is_file()
+    hparams = json.loads((run_dir / "hparams.json").read_text())
+    assert hparams["hparams"]["dataset"] == "sinusoid" and hparams["hparams"]["algo"] == "maml"
+    assert set(hparams["metrics"]) == {"val/mse", "val/best_mse", "test/mse", "test/ci95"}
+    assert hparams["metrics"]["val/best_mse"] == pytest.approx(results["val"]["best_mse"])
 
 
 def test_maml_learns_sinusoids_on_a_small_budget(make_cfg, tmp_path, one_thread):

@@ -26,15 +26,21 @@ class TensorBoardLogger:
         self.last_step = max(self.last_step, step)
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """The HPARAMS tab's row of this run: its columns are ``hparams`` and the metric
-        tags, whose values TensorBoard reads from the run's scalars; a metric not logged
-        as a scalar yet is logged at the last step. (``SummaryWriter.add_hparams`` would
-        write a second run and put each metric at step 0.)"""
+        """The HPARAMS tab's row of this run: its ``hparams``, and the metric tags, whose
+        values TensorBoard reads from the run's scalars (the last value of each); a metric
+        not logged as a scalar yet is logged at the last step.
+
+        Only the run's session (start and end) is written, no experiment summary: when a
+        run has one, TensorBoard takes the first it finds as every run's columns (one run's
+        hyperparameters and metrics); without, it makes the columns from all the runs (each
+        hyperparameter any run has; each scalar tag as a metric). ``SummaryWriter.add_hparams``
+        would also write a second run and put each metric at step 0."""
         from torch.utils.tensorboard.summary import hparams as summaries
 
+        _, session_start, session_end = summaries(dict(hparams), dict(metrics))
         writer = self.writer._get_file_writer()
-        for summary in summaries(dict(hparams), dict(metrics)):
-            writer.add_summary(summary)
+        writer.add_summary(session_start)
+        writer.add_summary(session_end)
         self.log_scalars(self.last_step, {k: v for k, v in metrics.items() if k not in self.tags})
 
     def log_figure(self, tag: str, figure: Any, step: int) -> None:

@@ -28,8 +28,9 @@ from metarun.checkpoint import LAST
 from metarun.checks import check_continual
 from metarun.continual import meta_test
 from metarun.continual.methods import ContinualLearner, masked_logits
-from metarun.continual.metrics import heatmap, summarize
+from metarun.continual.metrics import summarize
 from metarun.continual.scenarios import MetaTestBenchmark, Scenario, draw
+from metarun.hparams import log_run
 from metarun.metrics import RunLogger
 from metarun.recipes.resume import resume
 from metarun.run_control import (
@@ -275,8 +276,9 @@ def _stream(
                 row = [score(method, scenario, i, j, hardware) for j in range(T)]
                 state.matrix.append(row)
                 state.task, state.step = i + 1, 0
-                _log_row(logger, state, row, i, m)
+                _log_row(logger, state, row, i, m, [t.name for t in scenario.tasks])
                 save()
+            logger.end_training()
         R, b = state.matrix, state.initial
         metrics = summarize(R, b, m)
         log.info("%s matrix (row i: after task i):\n%s", _NAMES[m], _format(R, m))
@@ -291,6 +293,7 @@ def _stream(
         )
         summary = {f"continual/{k}": (float("nan") if v is None else v) for k, v in metrics.items()}
         logger.log(state.iteration, summary)
+        log_run(logger, config, run_dir, tuple(summary))
         results = {
             "metric": m,
             "continual": metrics,
@@ -425,9 +428,11 @@ def _benchmark_results(
         type(method).__name__,
         table,
     )
+    logger.end_training()
     logger.log(state.iteration, summary)
+    log_run(logger, config, folder.path, tuple(summary))
     summary["val/acc"] = float("nan")  # for a sweeper: the benchmark has no validation split
-    logger.tb.add_text("meta_test/table", table, state.iteration)
+    logger.log_text("meta_test/table", table, state.iteration)
     from metarun import figures
 
     if figures.warn_missing():
@@ -439,7 +444,7 @@ def _benchmark_results(
             {f"meta-test {k}": v for k, v in series.items()},
             title=f"{type(method).__name__}: accuracy against the number of classes",
         )
-        logger.tb.add_image("meta_test/accuracy_vs_n", figures.to_rgb(fig), state.iteration)
+        logger.log_figure("meta_test/accuracy_vs_n", fig, state.iteration)
     folder.write_json(
         "results.json",
         {
@@ -493,23 +498,32 @@ def _task_sampler(scenario: Scenario, task: int, seed: int, hardware: Any):
 _NAMES = {"acc": "accuracy", "mse": "mse"}
 
 
-def _log_row(logger: RunLogger, state: StreamState, row: list[float], i: int, m: str) -> None:
+def _log_row(
+    logger: RunLogger,
+    state: StreamState,
+    row: list[float],
+    i: int,
+    m: str,
+    labels: list[str],
+) -> None:
     """After task ``i``: the mean metric ``m`` (``acc`` or ``mse``) over the tasks seen so
-    far and over all tasks, each task's, and the matrix so far as a heatmap image (MSE
-    drawn on [0, the largest MSE of the matrix and of the untrained model])."""
+    far and over all tasks, each task's, and the matrix so far (tasks named by ``labels``)
+    as a figure with its numbers (:func:`metarun.figures.accuracy_matrix`; skipped, with
+    one warning, without matplotlib) and as a markdown table."""
+    from metarun import figures
+
     values = {
         f"stream/{m}_seen": sum(row[: i + 1]) / (i + 1),
         f"stream/{m}_all": sum(row) / len(row),
         **{f"stream/task_{j:03d}": v for j, v in enumerate(row)},
     }
     logger.log(state.iteration, values)
-    matrix = torch.tensor(state.matrix)
-    if m == "acc":
-        image = heatmap(matrix)
-    else:
-        worst = max(float(matrix.max()), max(state.initial or [0.0]), 1e-12)
-        image = heatmap(matrix, higher_is_better=False, scale=worst)
-    logger.tb.add_image(f"stream/{_NAMES[m]}_matrix", image, state.iteration)
+    tag = f"stream/{_NAMES[m]}_matrix"
+    if figures.warn_missing():
+        figure = figures.accuracy_matrix(state.matrix, labels, m)
+        logger.log_figure(tag, figure, state.iteration)
+    table = figures.matrix_markdown(state.matrix, labels, m)
+    logger.log_text(f"{tag}_table", table, state.iteration)
     log.info(
         "after task %d: %s on the tasks seen so far %.4f", i, _NAMES[m], values[f"stream/{m}_seen"]
     )

@@ -37,6 +37,7 @@ from metarun.evaluation import (
     evaluate,
     fixed_episodes,
 )
+from metarun.hparams import log_run
 from metarun.metrics import NullLogger, RunLogger
 from metarun.recipes.resume import resume
 from metarun.run_control import (
@@ -175,7 +176,10 @@ def _train_and_test(
 
     def validate() -> EvalResult:
         sampler = fixed_episodes(pools["val"], e.ways, e.shots, e.query_shots, e.episode_seed)
-        return evaluate(algo, sampler, e.val_episodes, hardware, task.score, task.metric)
+        with logger.evaluation("val", e.val_episodes) as step:
+            return evaluate(
+                algo, sampler, e.val_episodes, hardware, task.score, task.metric, on_episode=step
+            )
 
     logger = (RunLogger if parallel.is_main else NullLogger)(
         run_dir, t.iterations, state.iteration, cfg.log_every, loggers=cfg.get("logger")
@@ -212,6 +216,7 @@ def _train_and_test(
                 task=task,
                 parallel=parallel,
             )
+            logger.end_training()  # the training bar's rate is training's alone
             if stop.requested:
                 raise stop.interrupted(run_dir, state.iteration)
             if not parallel.is_main:  # rank 0 validates, tests and writes the results
@@ -232,7 +237,9 @@ def _train_and_test(
             f"test/{m}": test.mean,
             "test/ci95": test.ci95,
         }
-        logger.tb.add_hparams(hparams(config), {f"hparam/test_{m}": test.mean}, run_name=".")
+        if state.best_iteration >= 0:  # the validation score best.pt was kept for
+            logger.log(state.iteration, {f"val/best_{m}": best_val})
+        log_run(logger, config, run_dir, (f"val/{m}", f"val/best_{m}", f"test/{m}", "test/ci95"))
         results = {
             "test": test_block,
             "val": {f"best_{m}": summary[f"val/{m}"], "best_iteration": state.best_iteration},
@@ -435,7 +442,7 @@ def test_and_report(
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Tests ``algo`` on the fixed test episodes of ``e`` (``eval``), and again after each of
     ``e.report_steps``; logs the numbers, writes each episode's score to
-    ``test_scores.json`` and the dataset's figures (adapted sinusoid curves) to TensorBoard.
+    ``test_scores.json`` and the dataset's figures (adapted sinusoid curves) to the logger.
     Returns the test result and the ``test`` entry of ``results.json``. Nothing is logged
     or written until every evaluation is done, so a test stopped by ``should_stop``
     (:class:`~metarun.evaluation.EvaluationStopped`) leaves no partial record."""
@@ -445,9 +452,12 @@ def test_and_report(
         return fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
 
     def run_test(steps: int | None = None) -> EvalResult:
-        return evaluate(
-            algo, episodes(), e.test_episodes, hardware, task.score, m, steps, should_stop
-        )
+        name = "test" if steps is None else f"test ({steps} steps)"
+        with logger.evaluation(name, e.test_episodes) as step:
+            return evaluate(
+                algo, episodes(), e.test_episodes, hardware, task.score, m, steps, should_stop,
+                on_episode=step,
+            )  # fmt: skip
 
     test = run_test()
     after = {steps: run_test(steps) for steps in e.report_steps}
@@ -467,7 +477,7 @@ def test_and_report(
     (run_dir / "test_scores.json").write_text(json.dumps(scores) + "\n")
     if hasattr(dataset, "figures"):  # e.g. a few adapted sinusoid curves
         for tag, image in dataset.figures(algo, episodes(), e.report_steps).items():
-            logger.tb.add_image(f"test/{tag}", image, iteration)
+            logger.log_figure(f"test/{tag}", image, iteration)
     block = (
         {m: test.mean, "ci95": test.ci95, "episodes": test.episodes}
         | ({"after_steps": after_steps} if after_steps else {})
@@ -532,6 +542,7 @@ def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[s
         OmegaConf.save(test_cfg, folder.path / "config.yaml", resolve=True)
         if hasattr(dataset, "write_split"):  # the user's data: its class split
             dataset.write_split(folder.path / "split")
+        config = OmegaConf.to_container(test_cfg, resolve=True)
         logger = RunLogger(folder.path, saved.iteration, saved.iteration, test_cfg.log_every)
         try:
             with StopFlag() as stop:
@@ -548,6 +559,11 @@ def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[s
                         message=f"interrupted during the test; no results were written. "
                         f"Run `metarun test={cfg.test}` again to test it.",
                     ) from None
+            # A row in TensorBoard's HPARAMS under the tested run's options (algo, dataset).
+            tested = saved.path.parent
+            tested = tested.parent if tested.name == "checkpoints" else tested
+            m = saved.task().metric
+            log_run(logger, config, folder.path, (f"test/{m}", "test/ci95"), tested=tested)
         finally:
             logger.close()
         folder.write_json(
@@ -557,7 +573,7 @@ def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[s
                 "tested": {"checkpoint": str(saved.path), "iteration": saved.iteration},
                 "protocol": protocol(test_cfg, pools, algo),
                 "versions": versions(),
-                "config": OmegaConf.to_container(test_cfg, resolve=True),
+                "config": config,
             },
         )
     return block
@@ -614,20 +630,3 @@ def protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, A
         "bn_mode": algo.bn_mode.value,
         "model": cfg.model._target_.rsplit(".", 1)[-1],
     }
-
-
-def hparams(config: dict) -> dict[str, Any]:
-    """Flattened scalar config values for TensorBoard's HPARAMS tab."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not key.startswith("_"):
-                    walk(f"{prefix}{key}.", value)
-        elif isinstance(node, (int, float, str, bool)):
-            flat[prefix[:-1]] = node
-
-    machine_or_mode = ("data_dir", "cache_dir", "resume", "test")
-    walk("", {k: v for k, v in config.items() if k not in machine_or_mode})
-    return flat
