@@ -417,18 +417,32 @@ def test_omls_meta_gradient_is_the_derivative_of_the_loss_after_the_inner_loop(f
     assert close != first_order, (grad.item(), numeric)
 
 
-def test_a_benchmark_stopped_mid_stream_resumes_to_the_same_table(make_cfg, tmp_path, monkeypatch):
-    """Ctrl-C in the first of two streams (10 classes of 15 drawings; prototypes have no
-    learning rate to select): the run stops when that stream ends (the safe point), keeps
-    it, and the resumed run draws the second and writes the same table."""
+SHORT = {  # every benchmark method with a few meta-training steps
+    **META,
+    "pretrained": ["algo.meta_iterations=10", "algo.batch_size=32"],
+    "oml": ["algo.meta_iterations=10"],
+    "anml": ["algo.meta_iterations=10", "algo.nm_channels=[8,8,8]", "algo.trajectory_shots=5"],
+}
+
+
+@pytest.mark.parametrize("algo", sorted(SHORT))
+def test_a_benchmark_stopped_mid_stream_resumes_to_the_same_table(
+    algo, make_cfg, tmp_path, monkeypatch
+):
+    """Ctrl-C in the first stream (a selection stream where the method has a learning rate
+    to choose, else the first of two draws of 10 classes of 15 drawings): the run stops
+    when that stream ends (the safe point), keeps it, and the resumed run does the rest
+    and writes the same table."""
     from metarun import run
+    from metarun.continual import methods
     from metarun.errors import RunInterrupted
     from tests.test_continual import interrupt_after
 
-    overrides = tiny_benchmark("prototypes", *META["prototypes"])
+    overrides = tiny_benchmark(algo, *SHORT[algo])
     whole = run(make_cfg(*overrides, tiny=False), tmp_path / "whole")
+    cls = methods.__dict__[make_cfg(*overrides).algo._target_.rsplit(".", 1)[-1]]
     with monkeypatch.context() as patch:
-        interrupt_after(patch, Prototypes, 100, method="observe_embedded")
+        interrupt_after(patch, cls, 100, method="observe_embedded")
         with pytest.raises(RunInterrupted):
             run(make_cfg(*overrides, tiny=False), tmp_path / "split")
     assert not (tmp_path / "split" / "results.json").exists()
