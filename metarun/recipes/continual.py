@@ -415,12 +415,12 @@ def _benchmark_results(
     summary: dict[str, float] = {}
     lines = ["| N | meta-test test | meta-test train | learning rate |", "|---|---|---|---|"]
     for n, entry in per_size.items():
-        test, train = entry["test"], entry["train"]
+        test, train, lr = entry["test"], entry["train"], entry["lr"] or "none"  # none: no rate
         summary[f"meta_test/test_acc_N{n}"] = test["mean"]
         summary[f"meta_test/train_acc_N{n}"] = train["mean"]
         lines.append(
             f"| {n} | {100 * test['mean']:.2f} ± {100 * (test['ci95'] or 0):.2f} | "
-            f"{100 * train['mean']:.2f} ± {100 * (train['ci95'] or 0):.2f} | {entry['lr']} |"
+            f"{100 * train['mean']:.2f} ± {100 * (train['ci95'] or 0):.2f} | {lr} |"
         )
     table = "\n".join(lines)
     log.info(
