@@ -46,6 +46,16 @@ class MetaOptimizer(str, Enum):
     sgd = "sgd"  # plain SGD: with algo=reptile, exactly the paper's interpolation
 
 
+class EpisodeKind(str, Enum):
+    standard = "standard"  # classes drawn from the whole split, images at random
+    within_alphabet = "within_alphabet"  # one alphabet per episode, drawers apart (Lake's)
+
+
+class Augment(str, Enum):
+    none = "none"
+    affine = "affine"  # random affine distortions (Koch et al. 2015), metarun.data.augment
+
+
 class AmpMode(str, Enum):
     off = "off"
     bf16 = "bf16"
@@ -67,6 +77,8 @@ class TrainConfig:
     min_lr: float = MISSING  # cosine, linear: the learning rate at the last iteration
     max_minutes: float | None = None  # end training after this many minutes of steps
     grad_clip: float | None = None  # clip the meta-gradient's norm to this; null = never
+    episodes: EpisodeKind = MISSING  # standard | within_alphabet
+    augment: Augment = MISSING  # none | affine (training images only)
 
 
 @dataclass
@@ -79,6 +91,7 @@ class EvalConfig:
     test_episodes: int = MISSING  # >= 1
     episode_seed: int = MISSING  # fixes the validation and test episodes for every run
     report_steps: list[int] = MISSING  # also test after these numbers of adaptation steps
+    episodes: EpisodeKind = MISSING  # standard | within_alphabet (validation and test)
 
 
 @dataclass

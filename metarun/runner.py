@@ -127,7 +127,9 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
     torch.manual_seed(cfg.seed)
     dataset, pools, task, algo = build(cfg, hardware)
     t, e = cfg.train, cfg.eval
-    train_sampler = episode_sampler(pools["train"], t.ways, t.shots, t.query_shots, seed=cfg.seed)
+    train_sampler = episode_sampler(
+        pools["train"], t.ways, t.shots, t.query_shots, cfg.seed, *_train_kind(t)
+    )
     optimizer = meta_optimizer(algo, t)
     scheduler = lr_scheduler(optimizer, t)
     state = TrainState()
@@ -158,7 +160,9 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         )
 
     def validate() -> EvalResult:
-        sampler = fixed_episodes(pools["val"], e.ways, e.shots, e.query_shots, e.episode_seed)
+        sampler = fixed_episodes(
+            pools["val"], e.ways, e.shots, e.query_shots, e.episode_seed, _eval_kind(e)
+        )
         return evaluate(algo, sampler, e.val_episodes, hardware, task.score, task.metric)
 
     logger = (RunLogger if parallel.is_main else NullLogger)(
@@ -251,7 +255,7 @@ def build(cfg: DictConfig, hardware: Any) -> tuple[Any, dict, TaskKind, torch.nn
     task: TaskKind = getattr(dataset, "task", CLASSIFICATION)
     e = cfg.eval
     for split in ("val", "test"):
-        fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed)
+        fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed, _eval_kind(e))
     backbone = hardware.compile_backbone(instantiate(cfg.model)(input_shape=dataset.image_shape))
     algo = hardware.prepare(instantiate(cfg.algo)(backbone=backbone, task=task))
     return dataset, pools, task, algo
@@ -462,7 +466,8 @@ def test_and_report(
     m = task.metric  # "acc", or "mse" for regression
 
     def episodes() -> EpisodeSampler:  # the same episodes, in the same order, every time
-        return fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
+        kind = _eval_kind(e)
+        return fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed, kind)
 
     test = evaluate(algo, episodes(), e.test_episodes, hardware, task.score, m)
     log.info("test %s", test)
@@ -559,14 +564,33 @@ def _protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, 
         "split": cfg.dataset.get("split"),
         "image_size": cfg.dataset.get("image_size"),
         "test_classes": pools["test"].n_classes,  # None for regression
-        "train_episode": {k: cfg.train[k] for k in ("ways", "shots", "query_shots")},
-        "eval_episode": {k: cfg.eval[k] for k in ("ways", "shots", "query_shots")},
+        "train_episode": {k: cfg.train[k] for k in ("ways", "shots", "query_shots")}
+        | dict(zip(("episodes", "augment"), _train_kind(cfg.train), strict=True)),
+        "eval_episode": {k: cfg.eval[k] for k in ("ways", "shots", "query_shots")}
+        | {"episodes": _eval_kind(cfg.eval)},
         "episode_seed": cfg.eval.episode_seed,
         "algorithm": type(algo).__name__,
         "algo": {k: v for k, v in algo_cfg.items() if not k.startswith("_")},
         "bn_mode": algo.bn_mode.value,
         "model": cfg.model._target_.rsplit(".", 1)[-1],
     }
+
+
+def _option(section: DictConfig, key: str, default: str) -> str:
+    """``section.key`` as a string (enum or str), ``default`` in a config saved before the
+    option existed (``train.episodes``, ``train.augment``, ``eval.episodes``)."""
+    value = section.get(key, default)
+    return str(getattr(value, "value", value))
+
+
+def _train_kind(t: DictConfig) -> tuple[str, str]:
+    """``train``'s kind of episodes (``standard``, ``within_alphabet``) and augmentation."""
+    return _option(t, "episodes", "standard"), _option(t, "augment", "none")
+
+
+def _eval_kind(e: DictConfig) -> str:
+    """``eval``'s kind of episodes (``standard``, ``within_alphabet``)."""
+    return _option(e, "episodes", "standard")
 
 
 def _versions() -> dict[str, str]:
