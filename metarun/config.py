@@ -285,6 +285,7 @@ class OmniglotConfig:
     image_size: int = MISSING
     download: bool = MISSING
     mirror: str | None = None
+    train_rotations: bool = MISSING  # lake splits: rotated training characters as classes
 
 
 @dataclass

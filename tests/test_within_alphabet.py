@@ -277,3 +277,19 @@ def test_runs_end_to_end_with_within_alphabet_episodes(data_dir, cache_dir, tmp_
     assert all(abs(s * 20 - round(s * 20)) < 1e-6 for s in scores)  # 20 queries each
     bad = subprocess.run(cmd[:-1] + ["eval.episodes=within"], capture_output=True, text=True)
     assert bad.returncode != 0 and "within_alphabet" in bad.stderr
+
+
+def test_train_rotations_add_rotated_alphabets_to_training_only(data_dir, cache_dir, proxy):
+    rotated = Omniglot(str(data_dir), str(cache_dir), split="lake_proxy", train_rotations=True)
+    train, plain = rotated.pool("train"), proxy.pool("train")
+    assert train.n_classes == 4 * plain.n_classes
+    assert rotated.pool("test").class_names == proxy.pool("test").class_names
+    assert len(set(train.groups)) == 4 * len(set(plain.groups))
+    first = train.images[train.class_items[0]]
+    torch.testing.assert_close(train.images[train.class_items[1]], torch.rot90(first, 1, (-2, -1)))
+    sampler = WithinAlphabetSampler(train, 20, 1, 1, seed=0)
+    for _ in range(20):
+        ep = sampler.sample()
+        assert len({train.groups[c] for c in ep.classes.tolist()}) == 1
+    with pytest.raises(ValueError, match="vinyals split has them already"):
+        Omniglot(str(data_dir), str(cache_dir), split="vinyals", train_rotations=True)

@@ -71,6 +71,9 @@ class Omniglot:
         image_size: side of the square images after resizing.
         download: fetch missing archives from ``mirror`` (checking the official MD5).
         mirror: base URL of the archives; ``None`` means the official repository.
+        train_rotations: ``lake`` and ``lake_proxy`` only: add every training character
+            rotated by 90, 180 and 270 degrees as new classes (rotated alphabets as new
+            alphabets), as the ``vinyals`` split does for all its splits.
     """
 
     channels = 1
@@ -83,10 +86,16 @@ class Omniglot:
         image_size: int = 28,
         download: bool = True,
         mirror: str | None = None,
+        train_rotations: bool = False,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown Omniglot split {split!r}; choose one of {SPLITS}")
-        self.split, self.image_size = split, image_size
+        if train_rotations and split == "vinyals":
+            raise ValueError(
+                "dataset.train_rotations=true adds rotated training classes to the lake and "
+                "lake_proxy splits; the vinyals split has them already. Set it to false."
+            )
+        self.split, self.image_size, self.train_rotations = split, image_size, train_rotations
         self.folder = data_root(root) / "omniglot"
         cache_file = cache_root(cache_dir) / "omniglot" / f"omniglot_{image_size}px.pt"
         sources = {name: self._locate(name, download, mirror) for name in ARCHIVES}
@@ -107,6 +116,8 @@ class Omniglot:
         lake_split = "val" if self.split == "lake_proxy" and split == "test" else split
         idx = [i for i, c in enumerate(self.characters) if _in_lake_split(c, lake_split)]
         names = [self.characters[i] for i in idx]
+        if split == "train" and self.train_rotations:
+            return self._rotated_pool(idx, ["/".join(n.split("/")[1:]) for n in names])
         images, drawers = self.images[idx], self.drawers[idx]
         if self.split == "lake_proxy" and split != "train":
             keep = torch.isin(drawers, torch.tensor(PROXY_DRAWERS[split], dtype=drawers.dtype))
