@@ -198,6 +198,15 @@ class ProtoNetConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    _target_: str = "metarun.algorithms.Ensemble"
+    _partial_: bool = True
+    members: list[str] = MISSING  # trained runs (folders or .pt files), at least two
+    split: str | None = MISSING  # the dataset split every member was trained on
+    image_size: int | None = MISSING  # the image side every member was trained at
+
+
+@dataclass
 class MatchingConfig:
     _target_: str = "metarun.algorithms.MatchingNetworks"
     _partial_: bool = True
@@ -370,6 +379,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "schema/algo": {
         "maml": MAMLConfig,
         "protonet": ProtoNetConfig,
+        "ensemble": EnsembleConfig,
         "matching": MatchingConfig,
         "relation": RelationConfig,
         "siamese": SiameseConfig,

@@ -205,6 +205,8 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
             )
         if state.iteration < t.iterations and not state.budget_reached:  # stopped by a signal
             raise RunInterrupted(run_dir, state.iteration)
+        if t.iterations == 0 and parallel.is_main:  # nothing to train (algo=ensemble)
+            save(LAST)  # the checkpoint that test= and metarun-lake read
         if not parallel.is_main:  # rank 0 validates, tests and writes the results
             return {}
         if (run_dir / "checkpoints" / BEST).exists():
