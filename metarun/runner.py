@@ -206,6 +206,12 @@ def run(cfg: DictConfig, run_dir: Path | str, started_at: float | None = None) -
         if state.iteration < t.iterations and not state.budget_reached:  # stopped by a signal
             raise RunInterrupted(run_dir, state.iteration)
         if t.iterations == 0 and parallel.is_main:  # nothing to train (algo=ensemble)
+            if e.val_every:  # validated once, so runs without training compare on validation
+                val = validate()
+                log.info("validation %s", val)
+                logger.log(0, {f"val/{task.metric}": val.mean, "val/ci95": val.ci95})
+                best = val.mean if task.higher_is_better else -val.mean
+                state.best_val_acc, state.best_iteration = best, 0
             save(LAST)  # the checkpoint that test= and metarun-lake read
         if not parallel.is_main:  # rank 0 validates, tests and writes the results
             return {}

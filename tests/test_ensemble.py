@@ -83,6 +83,7 @@ def test_runs_through_the_runner_and_loads_in_metarun_lake(make_cfg, members, ep
     run(cfg, tmp_path / "ensemble")
     results = json.loads((tmp_path / "ensemble" / "results.json").read_text())
     assert results["training"]["iterations"] == 0 and results["test"]["episodes"] == 6
+    assert results["val"]["best_iteration"] == 0 and 0 <= results["val"]["best_acc"] <= 1
     ckpt = checkpoint.load(tmp_path / "ensemble" / "checkpoints" / "last.pt")
     loaded, size = load_model(ckpt, Hardware("cpu"))
     assert size == 28 and isinstance(loaded, Ensemble) and len(loaded.members) == 3
