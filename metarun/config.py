@@ -12,85 +12,56 @@ stays fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from metarun.continual.schemas import ALGO_SCHEMAS, SCENARIO_SCHEMAS
-
-
-class BatchNormMode(str, Enum):
-    """How BatchNorm layers normalise during evaluation (recorded with every result).
-
-    ``transductive``: batch statistics of the batch at hand, in training and evaluation;
-        at test time the query set is normalised with its own statistics, as in the MAML
-        paper's code.
-    ``running``: training uses batch statistics; evaluation uses the running averages
-        collected in meta-training, so each query is classified independently.
-    """
-
-    transductive = "transductive"
-    running = "running"
-
-
-class LrSchedule(str, Enum):
-    step = "step"  # StepLR: times lr_decay_gamma every lr_decay_every iterations
-    cosine = "cosine"  # CosineAnnealingLR from meta_lr down to min_lr over the run
-    linear = "linear"  # LinearLR from meta_lr down to min_lr over the run (Reptile's)
-
-
-class MetaOptimizer(str, Enum):
-    adam = "adam"
-    sgd = "sgd"  # plain SGD: with algo=reptile, exactly the paper's interpolation
-
-
-class EpisodeKind(str, Enum):
-    standard = "standard"  # classes drawn from the whole split, images at random
-    within_alphabet = "within_alphabet"  # one alphabet per episode, drawers apart (Lake's)
-
-
-class Augment(str, Enum):
-    none = "none"
-    affine = "affine"  # random affine distortions (Koch et al. 2015), metarun.data.augment
-
-
-class AmpMode(str, Enum):
-    off = "off"
-    bf16 = "bf16"
-    fp16 = "fp16"
+from metarun.options import (
+    AmpMode,
+    Augment,
+    BatchNormMode,
+    EpisodeKind,
+    LrSchedule,
+    MetaOptimizer,
+    at_least,
+    between,
+    choice,
+    fraction,
+    positive,
+)
 
 
 @dataclass
 class TrainConfig:
-    ways: int = MISSING
-    shots: int = MISSING
-    query_shots: int = MISSING
-    meta_batch_size: int = MISSING
-    iterations: int = MISSING
-    meta_lr: float = MISSING
+    ways: int = at_least(1)
+    shots: int = at_least(1)
+    query_shots: int = at_least(1)
+    meta_batch_size: int = at_least(1)
+    iterations: int = at_least(0)  # >= 1, or 0 for an algorithm that is not trained (checks.py)
+    meta_lr: float = positive()
     optimizer: MetaOptimizer = MetaOptimizer.adam  # the meta-optimiser: adam | sgd
     lr_schedule: LrSchedule = MISSING  # step | cosine | linear
-    lr_decay_every: int = MISSING  # step: times lr_decay_gamma every N iterations; 0 = never
-    lr_decay_gamma: float = MISSING
-    min_lr: float = MISSING  # cosine, linear: the learning rate at the last iteration
-    max_minutes: float | None = None  # end training after this many minutes of steps
-    grad_clip: float | None = None  # clip the meta-gradient's norm to this; null = never
+    lr_decay_every: int = at_least(0)  # step: times lr_decay_gamma every N iterations; 0 = never
+    lr_decay_gamma: float = positive()
+    min_lr: float = at_least(0.0)  # cosine, linear: the learning rate at the last iteration
+    max_minutes: float | None = positive(None)  # end training after this many minutes of steps
+    grad_clip: float | None = positive(None)  # clip the meta-gradient's norm to this; null = never
     episodes: EpisodeKind = MISSING  # standard | within_alphabet
     augment: Augment = MISSING  # none | affine (training images only)
 
 
 @dataclass
 class EvalConfig:
-    ways: int = MISSING
-    shots: int = MISSING
-    query_shots: int = MISSING
-    val_every: int = MISSING  # 0 = no validation during training
-    val_episodes: int = MISSING  # >= 1 when val_every > 0 (runner.check_eval_budget)
-    test_episodes: int = MISSING  # >= 1
-    episode_seed: int = MISSING  # fixes the validation and test episodes for every run
-    report_steps: list[int] = MISSING  # also test after these numbers of adaptation steps
+    ways: int = at_least(1)
+    shots: int = at_least(1)
+    query_shots: int = at_least(1)
+    val_every: int = at_least(0)  # 0 = no validation during training
+    val_episodes: int = at_least(0)  # >= 1 when val_every > 0 (checked with it)
+    test_episodes: int = at_least(1)
+    episode_seed: int = at_least(0)  # fixes the validation and test episodes for every run
+    report_steps: list[int] = at_least(0)  # also test after these adaptation steps
     episodes: EpisodeKind = MISSING  # standard | within_alphabet (validation and test)
 
 
@@ -102,27 +73,28 @@ class RunConfig:
     hardware: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = MISSING
-    log_every: int = MISSING
-    checkpoint_every: int = MISSING
+    seed: int = at_least(0)
+    log_every: int = at_least(1)
+    checkpoint_every: int = at_least(1)
     data_dir: str | None = None
     cache_dir: str | None = None
     resume: str | None = None
     test: str | None = None  # a trained run to test again (metarun.runner.retest)
     scenario: Any = None  # a task stream (configs/scenario): lifelong learning instead
+    logger: Any = None  # {name: backend} of configs/logger (metarun.loggers.build_loggers)
 
 
 @dataclass
 class MAMLConfig:
     _target_: str = "metarun.algorithms.MAML"
     _partial_: bool = True
-    ways: int = MISSING
-    fast_lr: float = MISSING
-    adaptation_steps: int = MISSING
-    test_adaptation_steps: int = MISSING
+    ways: int = at_least(1)
+    fast_lr: float = at_least(0.0)
+    adaptation_steps: int = at_least(0)
+    test_adaptation_steps: int = at_least(0)
     first_order: bool = MISSING
     bn_mode: BatchNormMode = MISSING
-    engine: str = "loop"  # loop | vmap | l2l (see metarun.algorithms.MAML)
+    engine: str = choice("loop", "vmap", "l2l", default="loop")  # see metarun.algorithms.MAML
 
 
 @dataclass
@@ -135,9 +107,9 @@ class MetaSGDConfig(MAMLConfig):
 class MAMLPlusPlusConfig(MAMLConfig):
     _target_: str = "metarun.algorithms.MAMLPlusPlus"
     multi_step_loss: bool = MISSING
-    msl_anneal_tasks: int = MISSING
+    msl_anneal_tasks: int = at_least(1)
     learn_step_lrs: bool = MISSING
-    first_order_until_tasks: int = MISSING
+    first_order_until_tasks: int = at_least(0)
     per_step_bn: bool = MISSING  # per-step batch-norm statistics, weights and biases
 
 
@@ -150,12 +122,12 @@ class ANILConfig(MAMLConfig):
 class ReptileConfig:
     _target_: str = "metarun.algorithms.Reptile"
     _partial_: bool = True
-    ways: int = MISSING
-    fast_lr: float = MISSING
-    adaptation_steps: int = MISSING
-    test_adaptation_steps: int = MISSING
-    inner_optimizer: str = MISSING  # sgd | adam
-    inner_batch_size: int | None = MISSING  # null: the whole support set per step
+    ways: int = at_least(1)
+    fast_lr: float = positive()
+    adaptation_steps: int = at_least(1)
+    test_adaptation_steps: int = at_least(0)
+    inner_optimizer: str = choice("sgd", "adam")
+    inner_batch_size: int | None = at_least(1)  # null: the whole support set per step
     bn_mode: BatchNormMode = MISSING
 
 
@@ -163,10 +135,10 @@ class ReptileConfig:
 class LSTMMetaConfig:
     _target_: str = "metarun.algorithms.LSTMMetaLearner"
     _partial_: bool = True
-    ways: int = MISSING
-    adaptation_steps: int = MISSING
-    test_adaptation_steps: int = MISSING
-    hidden_size: int = MISSING
+    ways: int = at_least(1)
+    adaptation_steps: int = at_least(1)
+    test_adaptation_steps: int = at_least(0)
+    hidden_size: int = at_least(1)
     first_order: bool = MISSING  # gradient and loss inputs as constants (the paper's choice)
     bn_mode: BatchNormMode = MISSING
     forget_bias: list[float] = MISSING  # [low, high] uniform start of the forget gate's bias
@@ -177,14 +149,14 @@ class LSTMMetaConfig:
 class LearnedOptConfig:
     _target_: str = "metarun.algorithms.LearnedOptimizer"
     _partial_: bool = True
-    ways: int = MISSING
-    adaptation_steps: int = MISSING
-    test_adaptation_steps: int = MISSING
-    network: str = MISSING  # lstm | mlp
-    hidden_size: int = MISSING
+    ways: int = at_least(1)
+    adaptation_steps: int = at_least(1)
+    test_adaptation_steps: int = at_least(0)
+    network: str = choice("lstm", "mlp")
+    hidden_size: int = at_least(1)
     momentum_features: bool = MISSING
-    output_scale: float = MISSING
-    truncation: int = MISSING  # steps per truncated-BPTT segment; 0 = none
+    output_scale: float = positive()
+    truncation: int = at_least(0)  # steps per truncated-BPTT segment; 0 = none
     meta_init: bool = MISSING  # meta-learn the initial weights (false: fixed)
     first_order: bool = MISSING
     bn_mode: BatchNormMode = MISSING
@@ -211,7 +183,7 @@ class MatchingConfig:
     _target_: str = "metarun.algorithms.MatchingNetworks"
     _partial_: bool = True
     fce: bool = MISSING  # full context embeddings (bidirectional LSTM, attention LSTM)
-    fce_steps: int = MISSING  # K, the attention LSTM's reads of the support set
+    fce_steps: int = at_least(1)  # K, the attention LSTM's reads of the support set
     bn_mode: BatchNormMode = MISSING
 
 
@@ -219,8 +191,8 @@ class MatchingConfig:
 class RelationConfig:
     _target_: str = "metarun.algorithms.RelationNetworks"
     _partial_: bool = True
-    relation_channels: int = MISSING  # channels of the relation module's conv blocks
-    relation_hidden: int = MISSING  # units of its hidden fully connected layer
+    relation_channels: int = at_least(1)  # channels of the relation module's conv blocks
+    relation_hidden: int = at_least(1)  # units of its hidden fully connected layer
     bn_mode: BatchNormMode = MISSING
 
 
@@ -228,9 +200,9 @@ class RelationConfig:
 class SiameseConfig:
     _target_: str = "metarun.algorithms.SiameseNetworks"
     _partial_: bool = True
-    embedding_size: int = MISSING  # sigmoid layer on the backbone; 0 = none
-    pairs_per_episode: int = MISSING  # half same-class, half different-class
-    pair_seed: int = MISSING
+    embedding_size: int = at_least(0)  # sigmoid layer on the backbone; 0 = none
+    pairs_per_episode: int = at_least(2)  # half same-class, half different-class
+    pair_seed: int = at_least(0)
     bn_mode: BatchNormMode = MISSING
 
 
@@ -238,16 +210,16 @@ class SiameseConfig:
 class MANNConfig:
     _target_: str = "metarun.algorithms.MANN"
     _partial_: bool = True
-    ways: int = MISSING
-    controller_size: int = MISSING
-    memory_slots: int = MISSING
-    memory_width: int = MISSING
-    read_heads: int = MISSING
-    usage_decay: float = MISSING
-    report_instances: list[int] = MISSING  # accuracy by instance number (1st, 2nd, ...)
+    ways: int = at_least(1)
+    controller_size: int = at_least(1)
+    memory_slots: int = at_least(1)
+    memory_width: int = at_least(1)
+    read_heads: int = at_least(1)
+    usage_decay: float = fraction()
+    report_instances: list[int] = at_least(1)  # accuracy by instance number (1st, 2nd, ...)
     key_strength: bool = MISSING  # NTM key strengths sharpen the reads (not in the paper)
     add_vector: bool = MISSING  # heads write NTM add vectors, not their keys (not in the paper)
-    order_seed: int = MISSING  # presentation order in evaluation
+    order_seed: int = at_least(0)  # presentation order in evaluation
     encoder_checkpoint: str | None = MISSING  # a run's best.pt: frozen backbone; null: joint
     bn_mode: BatchNormMode = MISSING
 
@@ -256,12 +228,12 @@ class MANNConfig:
 class SNAILConfig:
     _target_: str = "metarun.algorithms.SNAIL"
     _partial_: bool = True
-    ways: int = MISSING
-    shots: int = MISSING
-    key_sizes: list[int] = MISSING  # one attention block per entry
-    value_sizes: list[int] = MISSING
-    tc_filters: int = MISSING
-    order_seed: int = MISSING  # support order in evaluation
+    ways: int = at_least(1)
+    shots: int = at_least(1)
+    key_sizes: list[int] = at_least(1)  # one attention block per entry
+    value_sizes: list[int] = at_least(1)
+    tc_filters: int = at_least(1)
+    order_seed: int = at_least(0)  # support order in evaluation
     bn_mode: BatchNormMode = MISSING
 
 
@@ -269,18 +241,18 @@ class SNAILConfig:
 class LEOConfig:
     _target_: str = "metarun.algorithms.LEO"
     _partial_: bool = True
-    latent_size: int = MISSING
-    relation_layers: int = MISSING
-    fast_lr: float = MISSING  # latent inner-loop step size (initial; meta-learned)
-    adaptation_steps: int = MISSING
-    test_adaptation_steps: int = MISSING
-    finetune_lr: float = MISSING  # weight fine-tuning step size (initial; meta-learned)
-    finetuning_steps: int = MISSING
-    dropout: float = MISSING
-    kl_weight: float = MISSING
-    encoder_penalty_weight: float = MISSING
-    l2_weight: float = MISSING
-    orthogonality_weight: float = MISSING
+    latent_size: int = at_least(1)
+    relation_layers: int = at_least(1)
+    fast_lr: float = positive()  # latent inner-loop step size (initial; meta-learned)
+    adaptation_steps: int = at_least(0)
+    test_adaptation_steps: int = at_least(0)
+    finetune_lr: float = at_least(0.0)  # weight fine-tuning step size (initial; meta-learned)
+    finetuning_steps: int = at_least(0)
+    dropout: float = fraction(below_one=True)
+    kl_weight: float = at_least(0.0)
+    encoder_penalty_weight: float = at_least(0.0)
+    l2_weight: float = at_least(0.0)
+    orthogonality_weight: float = at_least(0.0)
     encoder_checkpoint: str | None = MISSING  # a run's best.pt: frozen backbone; null: joint
     bn_mode: BatchNormMode = MISSING
 
@@ -290,8 +262,8 @@ class OmniglotConfig:
     _target_: str = "metarun.data.omniglot.Omniglot"
     root: str | None = MISSING
     cache_dir: str | None = MISSING
-    split: str = MISSING
-    image_size: int = MISSING
+    split: str = choice("vinyals", "lake", "lake_proxy")
+    image_size: int = at_least(4)
     download: bool = MISSING
     mirror: str | None = None
     train_rotations: bool = MISSING  # lake splits: rotated training characters as classes
@@ -302,20 +274,20 @@ class MiniImageNetConfig:
     _target_: str = "metarun.data.miniimagenet.MiniImageNet"
     root: str | None = MISSING
     cache_dir: str | None = MISSING
-    split: str = MISSING  # ravi | val_test_reduced
-    image_size: int = MISSING
-    source: str = MISSING  # auto | raw | pickle
-    reduced_val_classes: int = MISSING
+    split: str = choice("ravi", "val_test_reduced")
+    image_size: int = at_least(4)
+    source: str = choice("auto", "raw", "pickle")
+    reduced_val_classes: int = at_least(1)
     download: bool = MISSING
 
 
 @dataclass
 class Learn2LearnDatasetConfig:
-    _target_: str = "metarun.learn2learn_adapter.Learn2LearnDataset"
-    name: str = MISSING  # a key of learn2learn_adapter.SPECS: tiered_imagenet, cub200, dtd, ...
+    _target_: str = "metarun.data.learn2learn.Learn2LearnDataset"
+    name: str = MISSING  # a key of metarun.data.learn2learn.SPECS: tiered_imagenet, dtd, ...
     root: str | None = MISSING
     cache_dir: str | None = MISSING
-    image_size: int = MISSING
+    image_size: int = at_least(4)
     download: bool = MISSING
 
 
@@ -331,9 +303,9 @@ class SinusoidConfig:
 class Conv4Config:
     _target_: str = "metarun.models.Conv4"
     _partial_: bool = True
-    hidden: int = MISSING
-    bn_momentum: float = MISSING
-    pool_blocks: int = 4  # blocks (from the first) that end with a 2x2 max-pool
+    hidden: int = at_least(1)
+    bn_momentum: float = fraction()
+    pool_blocks: int = between(0, 4, 4)  # blocks (from the first) that end with a 2x2 max-pool
     flatten: bool = True  # false: feature maps (n, hidden, H', W'), for algo=relation
 
 
@@ -341,27 +313,69 @@ class Conv4Config:
 class MLPConfig:
     _target_: str = "metarun.models.MLP"
     _partial_: bool = True
-    hidden_sizes: list[int] = MISSING
+    hidden_sizes: list[int] = at_least(1)
     batch_norm: bool = MISSING
-    init_std: float | None = None  # None: PyTorch's init; else truncated normal, zero biases
+    init_std: float | None = positive(None)  # None: PyTorch's init; else truncated normal
 
 
 @dataclass
 class ResNet12Config:
     _target_: str = "metarun.models.ResNet12"
     _partial_: bool = True
-    channels: list[int] = MISSING
+    channels: list[int] = at_least(1)
     avg_pool: bool = MISSING
-    bn_momentum: float = MISSING
+    bn_momentum: float = fraction()
 
 
 @dataclass
 class MNISTConfig:
     _target_: str = "metarun.data.mnist.MNIST"
     root: str | None = MISSING
-    variant: str = MISSING  # mnist | fashion_mnist
+    variant: str = choice("mnist", "fashion_mnist")
     download: bool = MISSING
     mirror: str | None = None
+
+
+@dataclass
+class FolderDatasetConfig:
+    _target_: str = "metarun.data.folder.ImageFolder"
+    root: str | None = MISSING  # required: root/<class>/<images> (docs/DATASETS.md)
+    cache_dir: str | None = MISSING
+    image_size: int = MISSING
+    channels: int = MISSING  # 1 (grayscale) | 3 (RGB)
+    invert: bool = MISSING  # 255 - pixel (dark drawings on light paper)
+    class_depth: int = MISSING  # folder levels that name a class (Omniglot: 2)
+    rotations: list[int] = MISSING  # [0] | e.g. [0, 90, 180, 270]: a class per angle
+    split: str = MISSING  # auto | lists | folders | fractions
+    split_dir: str | None = MISSING  # lists: folder of train/val/test.txt; null: root
+    fractions: list[float] = MISSING  # fractions: train / val / test shares of the classes
+    split_seed: int = MISSING
+    drop_small_classes: bool = MISSING  # leave out classes too small for an episode
+
+
+@dataclass
+class TensorDatasetConfig:
+    _target_: str = "metarun.data.tensors.TensorFile"
+    path: str | None = MISSING  # required: .npz / .pt / .csv / .parquet, or a folder
+    label_column: str = MISSING  # .csv, .parquet
+    split: str = MISSING  # auto | lists | files | fractions
+    split_dir: str | None = MISSING  # lists: folder of train/val/test.txt; null: path's folder
+    fractions: list[float] = MISSING
+    split_seed: int = MISSING
+    standardize: bool = MISSING  # per feature / channel, with the train split's statistics
+    drop_small_classes: bool = MISSING
+
+
+@dataclass
+class Conv1DConfig:
+    _target_: str = "metarun.models.Conv1D"
+    _partial_: bool = True
+    hidden: int = MISSING
+    blocks: int = MISSING
+    kernel_size: int = MISSING
+    pool: int = MISSING
+    bn_momentum: float = MISSING
+    global_pool: bool = MISSING
 
 
 @dataclass
@@ -369,10 +383,41 @@ class HardwareConfig:
     _target_: str = "metarun.hardware.Hardware"
     device: str = MISSING  # auto | cpu | cuda | cuda:N
     amp: AmpMode = MISSING
-    num_threads: int | None = None  # CPU threads; None keeps torch's default
+    num_threads: int | None = at_least(1, None)  # CPU threads; None keeps torch's default
     channels_last: bool = False  # NHWC images and conv weights
     compile: bool = False  # torch.compile the backbone
     compile_backend: str = "inductor"  # inductor | eager (or any torch.compile backend)
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    _target_: str = "metarun.loggers.TensorBoardLogger"
+    _partial_: bool = True
+
+
+@dataclass
+class CSVLoggerConfig:
+    _target_: str = "metarun.loggers.CSVLogger"
+    _partial_: bool = True
+    filename: str = MISSING  # in the run folder
+
+
+@dataclass
+class WandbLoggerConfig:
+    _target_: str = "metarun.loggers.WandbLogger"
+    _partial_: bool = True
+    project: str = MISSING
+    entity: str | None = MISSING
+    mode: str = MISSING  # offline | online | disabled
+    tags: list[str] = MISSING
+
+
+@dataclass
+class MLflowLoggerConfig:
+    _target_: str = "metarun.loggers.MLflowLogger"
+    _partial_: bool = True
+    experiment_name: str = MISSING
+    tracking_uri: str | None = MISSING  # None: a file store in the run folder
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -400,15 +445,32 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "learn2learn": Learn2LearnDatasetConfig,
         "sinusoid": SinusoidConfig,
         "mnist": MNISTConfig,
+        "folder": FolderDatasetConfig,
+        "tensors": TensorDatasetConfig,
     },
-    "schema/model": {"conv4": Conv4Config, "mlp": MLPConfig, "resnet12": ResNet12Config},
+    "schema/model": {
+        "conv4": Conv4Config,
+        "mlp": MLPConfig,
+        "resnet12": ResNet12Config,
+        "conv1d": Conv1DConfig,
+    },
     "schema/hardware": {"hardware": HardwareConfig},
     "schema/scenario": SCENARIO_SCHEMAS,
+    "schema/logger": {
+        "tensorboard": TensorBoardLoggerConfig,
+        "csv": CSVLoggerConfig,
+        "wandb": WandbLoggerConfig,
+        "mlflow": MLflowLoggerConfig,
+    },
 }
 
 
 def register_configs() -> None:
-    """Registers the schemas with Hydra's ConfigStore (called by the CLI and tests)."""
+    """Registers the schemas with Hydra's ConfigStore, and metarun's OmegaConf resolvers
+    (:mod:`metarun.resolvers`), for the CLI and tests."""
+    from metarun.resolvers import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="metarun_schema", node=RunConfig)
     for group, nodes in SCHEMAS.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -45,6 +46,13 @@ def _reads_files(name: str) -> bool:
     """Whether ``dataset=<name>`` reads a data folder (synthetic datasets do not)."""
     config = resources.files("metarun.configs").joinpath(f"dataset/{name}.yaml").read_text()
     return "${data_dir}" in config
+
+
+def _required_keys(name: str) -> list[str]:
+    """The keys that ``dataset=<name>`` leaves for the user to set (``null  # required``):
+    where the user's own files are (``dataset=folder``, ``dataset=tensors``)."""
+    config = resources.files("metarun.configs").joinpath(f"dataset/{name}.yaml").read_text()
+    return re.findall(r"^(\w+):\s*null\s+# required", config, re.M)
 
 
 def _size(path: Path) -> int:
@@ -111,7 +119,43 @@ def verify_omniglot(folder: Path) -> list[Finding]:
                     f"expected {n_chars} x {DRAWINGS}",
                 )
             )
+        source = zipped if zipped.exists() else extracted
+        findings += _decode_every_image(source, name, members)
     return findings
+
+
+def _decode_every_image(source: Path, name: str, members: list[str]) -> list[Finding]:
+    """Reads every image of an Omniglot archive or folder (a zip checks each member's CRC
+    as it reads it) and decodes it as ``metarun`` will; names each one that fails."""
+    import zipfile
+
+    from metarun.data.omniglot import decode_image
+
+    bad: list[str] = []
+    archive = zipfile.ZipFile(source) if source.is_file() else None
+    try:
+        for member in members:
+            try:
+                if archive is not None:
+                    data = archive.read(member)
+                else:
+                    data = (source / member.split("/", 1)[1]).read_bytes()
+                decode_image(data, 28)
+            except Exception as err:  # noqa: BLE001 - each failure is reported by name
+                bad.append(f"{member}: {err}")
+    finally:
+        if archive is not None:
+            archive.close()
+    if not bad:
+        return [(OK, f"{name}: all {len(members)} images read and decoded")]
+    shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+    return [
+        (
+            ERROR,
+            f"{name}: {len(bad)} of {len(members)} images cannot be read or decoded; replace "
+            f"{source.name} with a good copy:\n  {shown}",
+        )
+    ]
 
 
 def verify_miniimagenet(folder: Path) -> list[Finding]:
@@ -215,7 +259,7 @@ def verify_mnist(folder: Path) -> list[Finding]:
     return findings
 
 
-# The keys of metarun.learn2learn_adapter.SPECS, named here so that `--help` imports no torch
+# The keys of metarun.metarun.data.learn2learn.SPECS, named here so that `--help` imports no torch
 # (a test keeps the two equal).
 L2L_DATASETS = (
     "tiered_imagenet",
@@ -231,7 +275,7 @@ L2L_DATASETS = (
 
 def _verify_learn2learn(name: str) -> Callable[[Path], list[Finding]]:
     def verify(folder: Path) -> list[Finding]:
-        from metarun.learn2learn_adapter import expected_files_text, missing_files
+        from metarun.data.learn2learn import expected_files_text, missing_files
 
         missing = missing_files(name, folder)
         if missing:
@@ -259,7 +303,7 @@ VERIFIERS: dict[str, Callable[[Path], list[Finding]]] = {
 
 
 def cmd_list(data: Path, cache: Path) -> int:
-    from metarun.learn2learn_adapter import SPECS, learn2learn_version
+    from metarun.data.learn2learn import SPECS, learn2learn_version
 
     version = learn2learn_version()
     print(f"data folder:  {data}")
@@ -268,6 +312,10 @@ def cmd_list(data: Path, cache: Path) -> int:
     print(f"\n{'dataset':<16} {'status':<10} {'data':>10} {'cache':>10}  where")
     for name in dataset_names():
         folder, cached = data / name, cache / name
+        if required := _required_keys(name):  # folder, tensors: the user's own files
+            where = " ".join(f"dataset.{key}=..." for key in required)
+            print(f"{name:<16} {'yours':<10} {'-':>10} {'-':>10}  ({where})")
+            continue
         if not _reads_files(name):
             print(f"{name:<16} {'generated':<10} {'-':>10} {'-':>10}  (no files)")
             continue

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.base import MetaLearner
 from metarun.data.episodes import ClassPool, EpisodeSampler
 from metarun.hardware import Hardware
+from metarun.options import EpisodeKind
+from metarun.tasks import accuracy
 
 
 @dataclass
@@ -39,7 +41,7 @@ class EvalResult:
         return f"{self.metric} {self.mean:.4f} ± {self.ci95:.4f} ({self.episodes} episodes{note})"
 
 
-EPISODE_KINDS = ("standard", "within_alphabet")
+EPISODE_KINDS = tuple(kind.value for kind in EpisodeKind)  # standard, within_alphabet
 
 
 def episode_sampler(
@@ -88,6 +90,10 @@ def fixed_episodes(
     return episode_sampler(pool, ways, shots, query_shots, seed, episodes)
 
 
+class EvaluationStopped(Exception):
+    """``should_stop`` asked :func:`evaluate` to stop (Ctrl-C during validation or test)."""
+
+
 def evaluate(
     algo: MetaLearner,
     sampler: EpisodeSampler,
@@ -96,11 +102,17 @@ def evaluate(
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = accuracy,
     metric: str = "acc",
     steps: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EvalResult:
     """Adapts ``algo`` to the support set of each of the next ``episodes`` episodes and
     scores its query predictions with ``score`` (the task's metric, named ``metric``).
-    ``steps`` asks a gradient-based algorithm for that many adaptation steps instead of its
-    ``test_adaptation_steps``. The algorithm's state is left as it was."""
+    ``steps`` asks an algorithm that declares ``adaptation_steps`` for that many adaptation
+    steps instead of its ``test_adaptation_steps``. ``should_stop`` is asked before each
+    episode; when it answers yes, :class:`EvaluationStopped` is raised. The algorithm's
+    state is left as it was."""
+    capabilities = type(algo).capabilities
+    if steps is not None and not capabilities.adaptation_steps:
+        raise ValueError(f"{type(algo).__name__} takes no adaptation step count")
     adapt_kwargs = {} if steps is None else {"steps": steps}
     extra: dict[str, list[float]] = {}
     was_training = algo.training  # type: ignore[attr-defined]
@@ -108,12 +120,14 @@ def evaluate(
     accs = torch.empty(episodes)
     try:
         for i in range(episodes):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped
             ep = sampler.sample().to(hardware.device, hardware.memory_format)
             with hardware.autocast():
                 predict = algo.adapt(ep.support_x, ep.support_y, **adapt_kwargs)
                 with torch.no_grad():
                     accs[i] = score(predict(ep.query_x), ep.query_y).item()
-                if hasattr(algo, "episode_metrics"):
+                if capabilities.episode_metrics:
                     for name, value in algo.episode_metrics(ep).items():
                         extra.setdefault(name, []).append(value)
     finally:

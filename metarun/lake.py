@@ -248,21 +248,6 @@ class _OneEpisode:
         return self.episode
 
 
-def load_model(ckpt: dict, hardware: Any) -> tuple[Any, int]:
-    """The algorithm of a checkpoint (its saved config and state) and its image size."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from metarun.algorithms.base import CLASSIFICATION
-
-    cfg = OmegaConf.create(ckpt["config"])
-    size = int(cfg.dataset.image_size)
-    backbone = instantiate(cfg.model)(input_shape=(1, size, size))
-    algo = instantiate(cfg.algo)(backbone=backbone, task=CLASSIFICATION)
-    algo.load_state_dict(ckpt["algo"])
-    return hardware.prepare(algo), size
-
-
 def check_protocol(config: dict, force: bool) -> str:
     """The run's Omniglot split; raises :class:`ProtocolError` for a model that cannot
     take Omniglot images, or (unless ``force``) one trained beyond the background set."""
@@ -302,26 +287,25 @@ def evaluate_lake(
 ) -> dict[str, Any]:
     """Evaluates a run folder (its ``best.pt``, else ``last.pt``) or a checkpoint on the
     20 runs, writes ``lake.json`` into the run folder and returns its contents."""
-    from metarun import checkpoint
+    from metarun import trained
     from metarun.data.files import data_root
     from metarun.hardware import Hardware
 
     target = target.expanduser().resolve()
+    saved = trained.read(target)  # best.pt, else last.pt; its config checked
     if target.is_dir():
         run_dir = target
-        best, last = target / "checkpoints" / "best.pt", target / "checkpoints" / "last.pt"
-        ckpt_path = last if last.is_file() and not best.is_file() else best
     else:
-        ckpt_path = target
         run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
-    ckpt = checkpoint.load(ckpt_path)
-    split = check_protocol(ckpt["config"], force)
+    config = dict(saved.state["config"])
+    split = check_protocol(config, force)
     if data_dir is None:
-        configured = os.environ.get("METARUN_DATA") or ckpt["config"].get("data_dir")
+        configured = os.environ.get("METARUN_DATA") or config.get("data_dir")
         data_dir = data_root(configured)
     source = locate(Path(data_dir).expanduser().resolve(), allow_download)
     hardware = Hardware(device)
-    algo, size = load_model(ckpt, hardware)
+    algo, size = trained.restore(saved, hardware), saved.input_shape()[-1]
+    ckpt_path = saved.path
     runs = read_runs(source, size)
     errors = run_errors(algo, runs, hardware)
     trials = RUNS * WAYS
@@ -391,17 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
 
-    from metarun.data.files import DataError
+    from metarun.errors import USER_ERRORS
 
     try:
         result = evaluate_lake(
             args.target, args.data_dir, args.force, not args.no_download, args.device
         )
-    except (DataError, FileNotFoundError, ValueError, RuntimeError) as err:
-        # ValueError covers ProtocolError; a RuntimeError other than an unreadable
-        # checkpoint is a bug and keeps its traceback.
-        if type(err) is RuntimeError and not str(err).startswith("checkpoint "):
-            raise
+    except USER_ERRORS as err:  # ProtocolError is a ValueError; anything else is a bug
         print(f"metarun-lake: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(format_report(result))

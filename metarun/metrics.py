@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("metarun")
 
@@ -18,19 +21,30 @@ class RunLogger:
 
     On resume (``start_iteration > 0``) lines and events after the checkpoint are dropped,
     so the history reads as if the run had never stopped.
+
+    ``loggers`` (the config's ``logger`` node) adds backends of :mod:`metarun.loggers`
+    (``csv``, ``wandb``, ``mlflow``), which get every scalar too; TensorBoard is always
+    written (``self.tb``), as hparams and images still go there only.
     """
 
-    def __init__(self, run_dir: Path, total: int, start_iteration: int, log_every: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        total: int,
+        start_iteration: int,
+        log_every: int,
+        loggers: Mapping[str, Any] | None = None,
+    ):
         from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run starts
 
+        from metarun.loggers import build_loggers
+
+        others = {k: v for k, v in (loggers or {}).items() if k != "tensorboard"}
+        self.backends = build_loggers(others, run_dir, start_step=start_iteration)
+
         self.path = run_dir / "metrics.jsonl"
-        if start_iteration > 0 and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["iteration"] <= start_iteration
-            ]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+        if self.path.exists():
+            _keep_until(self.path, start_iteration)
         self.jsonl = open(self.path, "a")
         self.tb = SummaryWriter(
             str(run_dir), purge_step=start_iteration + 1 if start_iteration else None
@@ -56,6 +70,7 @@ class RunLogger:
         self.jsonl.write(json.dumps({"iteration": iteration, **values}) + "\n")
         for tag, value in values.items():
             self.tb.add_scalar(tag, value, iteration)
+        self.backends.log_scalars(iteration, values)
 
     def progress(
         self,
@@ -79,6 +94,7 @@ class RunLogger:
         self._window_start = (iteration, now)
         self.log(iteration, {"perf/tasks_per_s": rate})
         self.jsonl.flush()
+        self.backends.flush()
         if self.bar is not None:
             postfix = {"loss": f"{loss:.3f}", metric: f"{acc:.3f}", "tasks_s": f"{rate:.1f}"}
             self.bar.set_postfix(postfix)
@@ -95,11 +111,38 @@ class RunLogger:
                 _duration(eta),
             )
 
+    def flush(self) -> None:
+        """Puts every line and event logged so far on the disk (``fsync``); called before
+        each checkpoint, so that after a crash every iteration up to the checkpoint is in
+        ``metrics.jsonl``."""
+        self.jsonl.flush()
+        os.fsync(self.jsonl.fileno())
+        self.tb.flush()
+        self.backends.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
         self.tb.close()
+        self.backends.close()
+
+
+def _keep_until(path: Path, iteration: int) -> None:
+    """Keeps the lines of ``metrics.jsonl`` up to ``iteration`` (those the checkpoint a run
+    resumes from covers), so the resumed run logs every later iteration exactly once; a
+    line cut short by a killed process is dropped. Rewritten atomically."""
+    from metarun.data.files import atomic_write
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a process killed mid-write
+        if record["iteration"] <= iteration:
+            kept.append(line)
+    atomic_write("".join(f"{line}\n" for line in kept).encode(), path)
 
 
 def _duration(seconds: float) -> str:
@@ -115,7 +158,14 @@ class NullLogger:
     """A :class:`RunLogger` that records nothing: used by every process but rank 0 of a
     ``torchrun`` job, so one process writes the run folder."""
 
-    def __init__(self, run_dir: Path, total: int, start_iteration: int, log_every: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        total: int,
+        start_iteration: int,
+        log_every: int,
+        loggers: Mapping[str, Any] | None = None,
+    ):
         pass
 
     def console(self) -> contextlib.AbstractContextManager:
@@ -132,6 +182,9 @@ class NullLogger:
         tasks_per_iteration: int,
         metric: str = "acc",
     ) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self) -> None:

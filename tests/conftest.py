@@ -95,3 +95,17 @@ def one_thread():
     threads = torch.get_num_threads()
     yield "hardware.num_threads=1"
     torch.set_num_threads(threads)
+
+
+def diverge_after(monkeypatch: pytest.MonkeyPatch, algo_class: type, calls: int) -> None:
+    """Makes ``algo_class.meta_loss`` return a NaN loss from its ``calls + 1``-th call on
+    (each call is one task of a meta-batch)."""
+    original = algo_class.meta_loss
+    count = {"n": 0}
+
+    def diverging(self, episode):
+        loss, acc = original(self, episode)
+        count["n"] += 1
+        return (loss * float("nan"), acc) if count["n"] > calls else (loss, acc)
+
+    monkeypatch.setattr(algo_class, "meta_loss", diverging)

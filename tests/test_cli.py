@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import diverge_after, tiny_overrides
 
 METARUN = shutil.which("metarun", path=str(Path(sys.executable).parent)) or "metarun"
 
@@ -60,7 +61,7 @@ def test_end_to_end_run_writes_metrics_events_checkpoints_and_results(tiny, tmp_
     }
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 4 and ckpt["config"]["train"]["iterations"] == 4
-    assert {"algo", "optimizer", "rng", "best_val_acc"} <= set(ckpt)
+    assert {"algo", "optimizer", "rng", "train", "input_shape", "task"} <= set(ckpt)
     assert (run_dir / "checkpoints" / "best.pt").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -119,12 +120,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(tin
     assert ours == ref
 
 
-def test_resume_refuses_other_overrides(tmp_path):
-    done = metarun(f"resume={tmp_path}", "train.iterations=9", cwd=tmp_path)
-    assert done.returncode == 2
-    assert "drop the other overrides (train.iterations=9)" in done.stderr
-
-
 def test_test_mode_repeats_a_runs_test_and_tests_it_on_other_episodes(tiny, tmp_path):
     run_dir = tmp_path / "run"
     done = metarun(*tiny, f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -161,7 +156,7 @@ def test_test_mode_refuses_training_overrides_and_folders_without_checkpoints(tm
     assert "model.hidden cannot be changed; only eval.*" in done.stderr
     done = metarun(f"test={tmp_path}", cwd=tmp_path)
     assert done.returncode == 2
-    assert f"test={tmp_path}: no checkpoints/best.pt or checkpoints/last.pt" in done.stderr
+    assert f"{tmp_path} has no checkpoints/best.pt or checkpoints/last.pt" in done.stderr
     done = metarun(f"test={tmp_path}", f"resume={tmp_path}", cwd=tmp_path)
     assert done.returncode == 2 and "give one of them" in done.stderr
 
@@ -199,41 +194,101 @@ def test_impossible_episode_is_a_clear_error(tiny, tmp_path):
     assert "only 4112 classes" in done.stderr
 
 
-def test_multirun_sweep_folders_are_named_after_the_overrides(tiny, tmp_path):
+def test_a_2x2_sweep_has_short_distinct_folder_names_and_metarun_report_averages_its_seeds(
+    tiny, tmp_path
+):
     sweep = tmp_path / "sweep"
     done = metarun(
         "--multirun",
         *tiny,
         "algo=maml,protonet",
-        "seed=0",
+        "seed=0,1",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
+    # Named by what differs (algorithm, seed) and the dataset, not the shared budget keys.
     names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert len(names) == 2
-    assert "algo=maml" in names[0] and "algo=protonet" in names[1]
-    assert all("data_dir" not in n and "seed=0" in n for n in names)
+    assert names == [f"{a},omniglot,seed={s}" for a in ("maml", "protonet") for s in (0, 1)]
     for name in names:
         assert json.loads((sweep / name / "results.json").read_text())["test"]["episodes"] == 6
 
+    done = subprocess.run(
+        [METARUN, "report", str(sweep), "--sort", "test/acc", "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    groups = list(csv.DictReader(open(tmp_path / "report" / "groups.csv")))
+    means = [float(g["test_mean"]) for g in groups]
+    assert means == sorted(means, reverse=True)  # --sort test/acc: best first
+    for algo, name in (("MAML", "maml"), ("ProtoNet", "protonet")):
+        a, b = (
+            json.loads((sweep / f"{name},omniglot,seed={s}" / "results.json").read_text())["test"]
+            for s in (0, 1)
+        )
+        # By hand: two seeds, so Student's t with 1 degree of freedom, t(0.975, 1) = 12.706
+        # (tables); s = |a - b| / sqrt(2), so the half-width is 12.706 * |a - b| / 2.
+        mean, half = (a["acc"] + b["acc"]) / 2, 12.7062 * abs(a["acc"] - b["acc"]) / 2
+        (row,) = [g for g in groups if g["algorithm"] == algo]
+        assert row["n_seeds"] == "2" and row["seeds"] == "0 1"
+        assert float(row["test_mean"]) == pytest.approx(mean, abs=1e-9)
+        assert float(row["test_ci95_seeds"]) == pytest.approx(half, rel=1e-4, abs=1e-9)
+        episode_ci = (a["ci95"] + b["ci95"]) / 2
+        assert float(row["test_ci95_episodes_mean"]) == pytest.approx(episode_ci, abs=1e-9)
+        assert f"{100 * mean:.2f} ± {100 * half:.2f}" in done.stdout
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert report.strip() == done.stdout.strip()  # printed and written
+    assert "5-way 1-shot, 2 query, 6 episodes (seed 0)" in report
+
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path, monkeypatch):
+    from metarun import run
     from metarun.algorithms import MAML
-    from metarun.runner import NonFiniteLossError, run
+    from metarun.errors import NonFiniteError
 
-    calls = {"n": 0}
-    original = MAML.meta_loss
-
-    def diverging(self, episode):
-        loss, acc = original(self, episode)
-        calls["n"] += 1
-        return (loss * float("nan"), acc) if calls["n"] > 4 else (loss, acc)  # from iteration 3
-
-    monkeypatch.setattr(MAML, "meta_loss", diverging)
-    with pytest.raises(NonFiniteLossError, match="nan at iteration 3"):
+    diverge_after(monkeypatch, MAML, 4)  # from iteration 3 (meta-batches of 2)
+    with pytest.raises(NonFiniteError, match="nan at iteration 3"):
         run(make_cfg(), tmp_path)
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert last["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in last["algo"].values() if v.is_floating_point())
+
+
+def test_help_shows_the_user_facing_groups_the_data_folder_and_the_other_commands(tmp_path):
+    done = metarun("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "schema/" not in out  # the internal schema groups stay out of it
+    for line in (
+        "  logger: csv, mlflow, tensorboard, wandb",
+        "  debug: tiny",
+        "  hardware: auto, cpu, cuda",
+        "  model: conv4, mlp, mlp_sinusoid, resnet12",
+    ):
+        assert line in out.splitlines(), line
+    assert "  algo: anil," in out and "  experiment: anil_omniglot_5w1s," in out
+    assert f"METARUN_DATA (or data_dir=...), now: {os.environ['METARUN_DATA']}" in out
+    for command in ("metarun report RUN_OR_SWEEP", "metarun-data list", "metarun-lake"):
+        assert command in out
+
+
+def test_debug_preset_runs_a_config_in_seconds_into_a_folder_named_by_algorithm(
+    data_dir, cache_dir, tmp_path
+):
+    done = metarun(
+        "debug=tiny",
+        "algo=protonet",
+        "hardware=cpu",
+        "hardware.num_threads=1",
+        f"data_dir={data_dir}",
+        f"cache_dir={cache_dir}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert run_dir.name.endswith("_protonet_omniglot")  # <time>_<algo>_<dataset>
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["training"]["iterations"] == 6 and results["test"]["episodes"] == 8

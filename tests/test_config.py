@@ -34,10 +34,10 @@ META_ALGOS = [a for a in options("algo") if a not in ALGO_SCHEMAS and a != "ense
 META_EXPERIMENTS = [e for e in options("experiment") if not is_stream(e)]
 
 
-def build(cfg, omniglot):
+def build(cfg, omniglot, input_shape=None):
     """Instantiates the config's objects the way the runner does (dataset reused)."""
     hardware = instantiate(cfg.hardware)
-    backbone = instantiate(cfg.model)(input_shape=omniglot.image_shape)
+    backbone = instantiate(cfg.model)(input_shape=input_shape or omniglot.image_shape)
     algo = instantiate(cfg.algo)(backbone=backbone).to(hardware.device)
     return hardware, algo
 
@@ -45,11 +45,14 @@ def build(cfg, omniglot):
 @pytest.mark.parametrize("algo", META_ALGOS)
 @pytest.mark.parametrize("model", options("model"))
 def test_every_algo_and_model_instantiates_and_runs_an_episode(make_cfg, omniglot, algo, model):
-    cfg = make_cfg(f"algo={algo}", f"model={model}")
-    _, learner = build(cfg, omniglot)
-    from metarun.data.episodes import EpisodeSampler
+    from metarun.data.episodes import ClassPool, EpisodeSampler
 
-    ep = EpisodeSampler(omniglot.pool("train"), cfg.train.ways, 1, 2, seed=0).sample().to("cpu")
+    cfg = make_cfg(f"algo={algo}", f"model={model}")
+    pool = omniglot.pool("train")
+    if model == "conv1d":  # a sequence model: the images read row by row, (1, 784)
+        pool = ClassPool(pool.images.flatten(2), pool.class_items, pool.class_names)
+    _, learner = build(cfg, omniglot, pool.image_shape)
+    ep = EpisodeSampler(pool, cfg.train.ways, 1, 2, seed=0).sample().to("cpu")
     loss, acc = learner.meta_loss(ep)
     assert loss.ndim == 0 and torch.isfinite(loss) and 0 <= acc <= 1
 

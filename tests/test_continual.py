@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from metarun import run
 from metarun.continual.buffer import ReservoirBuffer
 from metarun.continual.scenarios import ScenarioError, draw
-from metarun.runner import RunInterrupted, run
+from metarun.errors import ConfigError, RunInterrupted
 
 
 def tiny_stream(algo: str, *extra: str) -> list[str]:
@@ -123,12 +124,12 @@ def test_impossible_scenarios_say_what_to_change(data_dir):
 
 
 def test_meta_learning_algorithm_in_a_stream_is_refused(make_cfg, tmp_path):
-    with pytest.raises(ScenarioError, match="cannot learn one"):
+    with pytest.raises(ConfigError, match="cannot learn one"):
         run(make_cfg("scenario=split_mnist", "algo=maml"), tmp_path)
 
 
 def test_continual_method_without_a_stream_is_refused(make_cfg, tmp_path):
-    with pytest.raises(ScenarioError, match="needs a task stream"):
+    with pytest.raises(ConfigError, match="needs a task stream"):
         run(make_cfg("algo=er"), tmp_path)
 
 

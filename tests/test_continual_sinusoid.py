@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from metarun import run
 from metarun.continual.metrics import (
     average_accuracy,
     backward_transfer,
@@ -25,7 +26,7 @@ from metarun.continual.metrics import (
     summarize,
 )
 from metarun.continual.scenarios import ScenarioError, SineFunctions, sinusoid_stream
-from metarun.runner import RunInterrupted, run
+from metarun.errors import RunInterrupted
 from tests.test_continual import interrupt_after, read_metrics
 
 # --- metrics of an error matrix (lower is better) -------------------------------------------

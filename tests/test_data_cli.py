@@ -126,8 +126,8 @@ def test_prepare_offline_without_files_names_folder_and_files(capsys, tmp_path):
 
 
 def test_every_learn2learn_dataset_is_verifiable():
+    from metarun.data.learn2learn import SPECS
     from metarun.data_cli import L2L_DATASETS, VERIFIERS, dataset_names
-    from metarun.learn2learn_adapter import SPECS
 
     assert L2L_DATASETS == tuple(SPECS)
     assert set(SPECS) <= set(VERIFIERS) and set(SPECS) <= set(dataset_names())

@@ -1,5 +1,5 @@
-"""algo=ensemble: the mean class probabilities of trained runs, through the runner and
-metarun-lake's loader."""
+"""algo=ensemble: the mean class probabilities of trained runs, through the meta-learning
+recipe and the loader of trained runs that metarun-lake uses (metarun.trained)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from metarun import checkpoint
+from metarun import checkpoint, run, trained
 from metarun.algorithms import Ensemble
 from metarun.data.omniglot import Omniglot
+from metarun.errors import ConfigError
 from metarun.evaluation import fixed_episodes
 from metarun.hardware import Hardware
-from metarun.lake import load_model
-from metarun.runner import run
 
 MEMBER = ("algo=protonet", "dataset.split=lake_proxy")
 
@@ -70,7 +69,7 @@ def test_logits_are_the_log_of_the_members_mean_probabilities(members, episode):
     assert not all(torch.equal(probs[0], p) for p in probs[1:])  # the members differ
 
 
-def test_runs_through_the_runner_and_loads_in_metarun_lake(make_cfg, members, episode, tmp_path):
+def test_runs_through_the_recipe_and_loads_like_metarun_lake(make_cfg, members, episode, tmp_path):
     cfg = make_cfg(
         "algo=ensemble",
         f"algo.members=[{','.join(str(m) for m in members)}]",
@@ -84,8 +83,10 @@ def test_runs_through_the_runner_and_loads_in_metarun_lake(make_cfg, members, ep
     results = json.loads((tmp_path / "ensemble" / "results.json").read_text())
     assert results["training"]["iterations"] == 0 and results["test"]["episodes"] == 6
     assert results["val"]["best_iteration"] == 0 and 0 <= results["val"]["best_acc"] <= 1
-    ckpt = checkpoint.load(tmp_path / "ensemble" / "checkpoints" / "last.pt")
-    loaded, size = load_model(ckpt, Hardware("cpu"))
+    assert results["protocol"]["eval_episode"]["episodes"] == "within_alphabet"
+    assert (tmp_path / "ensemble" / "checkpoints" / "last.pt").is_file()
+    saved = trained.read(tmp_path / "ensemble")  # as metarun-lake reads a run
+    loaded, size = trained.restore(saved, Hardware("cpu")), saved.input_shape()[-1]
     assert size == 28 and isinstance(loaded, Ensemble) and len(loaded.members) == 3
     direct = Ensemble([str(m) for m in members], "lake_proxy", 28).eval()
     x, y, q = episode.support_x, episode.support_y, episode.query_x
@@ -98,7 +99,29 @@ def test_members_of_another_split_or_too_few_are_refused(make_cfg, members, tmp_
         Ensemble([str(members[0]), str(other)], "lake_proxy", 28)
     with pytest.raises(ValueError, match="at least two"):
         Ensemble([str(members[0])], "lake_proxy", 28)
-    with pytest.raises(FileNotFoundError, match="no checkpoints/best.pt"):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         Ensemble([str(members[0]), str(tmp_path / "missing")], "lake_proxy", 28)
     with pytest.raises(RuntimeError, match="train.iterations=0"):
         Ensemble([str(m) for m in members], "lake_proxy", 28).meta_loss(None)
+
+
+def test_members_and_iterations_are_checked_before_any_data_is_loaded(make_cfg, members, tmp_path):
+    empty = tmp_path / "empty"  # no data at all: a DataError would mean it got that far
+    empty.mkdir()
+    listed = f"algo.members=[{','.join(str(m) for m in members)}]"
+    base = ("algo=ensemble", "dataset.split=lake_proxy", f"data_dir={empty}")
+    refusals = [
+        (("train.iterations=0",), "algo.members is not set"),
+        ((listed, "train.iterations=5"), "Ensemble has nothing to train"),
+        (("algo.members=[" + str(members[0]) + "]", "train.iterations=0"), "at least two"),
+        ((f"algo.members=[{members[0]},{tmp_path / 'gone'}]", "train.iterations=0"),
+         "gone does not exist"),
+        ((listed, "train.iterations=0", "dataset.split=vinyals"),
+         "trained with dataset.split=lake_proxy"),
+    ]  # fmt: skip
+    for overrides, message in refusals:
+        with pytest.raises(ConfigError, match=message):
+            run(make_cfg(*base, *overrides), tmp_path / "run")
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="train.iterations=0 is out of range for ProtoNet"):
+        run(make_cfg("algo=protonet", "train.iterations=0", f"data_dir={empty}"), tmp_path / "p")

@@ -85,7 +85,7 @@ def test_compile_refuses_second_order_maml_unless_the_backend_is_eager():
 
 
 def test_runner_records_the_compile_setting(make_cfg, one_thread, tmp_path):
-    from metarun.runner import run
+    from metarun import run
 
     cfg = make_cfg(
         "algo=protonet", "hardware.compile=true", "hardware.compile_backend=eager", one_thread
@@ -159,7 +159,7 @@ def test_cuda_inductor_compile_matches_eager(name):
 )
 def test_cuda_run_end_to_end(make_cfg, tmp_path, overrides):
     """A whole run on the GPU: training, validation, checkpoint, test, results.json."""
-    from metarun.runner import run
+    from metarun import run
 
     summary = run(make_cfg("hardware=cuda", *overrides), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())

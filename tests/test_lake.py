@@ -82,7 +82,7 @@ def write_checkpoint(make_cfg, folder: Path, *overrides: str) -> Path:
     path = folder / "checkpoints" / "best.pt"
     path.parent.mkdir(parents=True)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    torch.save({"algo": algo.state_dict(), "config": config}, path)
+    torch.save({"algo": algo.state_dict(), "config": config, "iteration": 0}, path)
     return folder
 
 
@@ -180,7 +180,7 @@ def test_images_are_prepared_like_the_runners_omniglot(omniglot, data_dir, tmp_p
 def test_console_script_evaluates_a_trained_leo_run(make_cfg, data, tmp_path, one_thread):
     """End to end: a LEO run trained 5-way on the lake split, evaluated 20-way by
     ``python -m metarun.lake`` (the console script's module) through its own adapt path."""
-    from metarun.runner import run
+    from metarun import run
 
     cfg = make_cfg("algo=leo", "dataset.split=lake", one_thread, "algo.adaptation_steps=1")
     run(cfg, tmp_path / "leo")

@@ -42,7 +42,6 @@ def tiny(data_dir: Path, cache_dir: Path) -> list[str]:
 def sweep(tiny: list[str], sweep_dir: Path, *args: str) -> tuple[int, str, str]:
     """Runs ``metarun --multirun`` with the tiny overrides into ``sweep_dir``; returns the
     exit code, the output, and the pid of the ``metarun`` process itself."""
-    unnamed = ",".join(["resume", *(o.split("=", 1)[0] for o in tiny)])
     proc = subprocess.Popen(
         [
             METARUN,
@@ -50,7 +49,6 @@ def sweep(tiny: list[str], sweep_dir: Path, *args: str) -> tuple[int, str, str]:
             *tiny,
             *args,
             f"hydra.sweep.dir={sweep_dir}",
-            f"hydra.job.config.override_dirname.exclude_keys=[{unnamed}]",
         ],
         cwd=sweep_dir.parent,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -87,18 +85,20 @@ def test_joblib_runs_jobs_in_worker_processes_and_a_failed_job_does_not_stop_the
         "algo=protonet",
         "train.ways=3,5,5000",  # 5000-way episodes are impossible: that job fails
     )
-    assert code == 0, output
+    assert code == 1, output  # the sweep ends with the failed job listed
+    assert "1 job(s) of the sweep" in output and "train.ways=5000): cannot sample" in output
     assert "Joblib.Parallel(n_jobs=2" in output
     folders = run_folders(sweep_dir)
-    assert set(folders) == {f"algo=protonet,train.ways={w}" for w in (3, 5, 5000)}
+    # Named by algorithm, dataset, the swept value and the seed (metarun/resolvers.py).
+    assert set(folders) == {f"protonet,omniglot,ways={w},seed=0" for w in (3, 5, 5000)}
     for ways in (3, 5):
-        run_dir = folders[f"algo=protonet,train.ways={ways}"]
+        run_dir = folders[f"protonet,omniglot,ways={ways},seed=0"]
         done = results(run_dir)
         assert done["protocol"]["train_episode"]["ways"] == ways
         assert done["test"]["episodes"] == 6 and 0 <= done["test"]["acc"] <= 1
         pids = event_file_pids(run_dir)
         assert pids and launcher_pid not in pids, "the job ran in the launching process"
-    failed = folders["algo=protonet,train.ways=5000"]
+    failed = folders["protonet,omniglot,ways=5000,seed=0"]
     assert not (failed / "results.json").exists()
     assert "cannot sample 5000-way episodes" in (failed / "metarun.log").read_text()
 
@@ -109,8 +109,8 @@ def test_submitit_local_runs_a_job_in_its_own_process(tiny, tmp_path):
         tiny, sweep_dir, "hydra/launcher=submitit_local", "algo=protonet", "seed=3"
     )
     assert code == 0, output
-    assert set(run_folders(sweep_dir)) == {"algo=protonet,seed=3"}
-    run_dir = sweep_dir / "algo=protonet,seed=3"
+    assert set(run_folders(sweep_dir)) == {"protonet,omniglot,seed=3"}
+    run_dir = sweep_dir / "protonet,omniglot,seed=3"
     done = results(run_dir)
     assert done["config"]["seed"] == 3 and done["test"]["episodes"] == 6
     # submitit's own record of the job: its logs and pickled return value (val/acc)
@@ -119,17 +119,22 @@ def test_submitit_local_runs_a_job_in_its_own_process(tiny, tmp_path):
     assert launcher_pid not in event_file_pids(run_dir)
 
 
+SEARCHED = ("train.meta_lr", "algo.fast_lr")  # configs/sweep/maml_optuna.yaml
+
+
 def test_optuna_sweep_maximises_the_validation_accuracy_each_run_returns(tiny, tmp_path):
     sweep_dir = tmp_path / "sweep"
     code, output, _ = sweep(tiny, sweep_dir, "sweep=maml_optuna", "hydra.sweeper.n_trials=2")
     assert code == 0, output
     trials = {}
     for name, run_dir in run_folders(sweep_dir).items():
-        params = dict(kv.split("=") for kv in name.split(","))
-        assert set(params) == {"algo.fast_lr", "sweep", "train.meta_lr"}
+        overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+        params = dict(str(o).split("=") for o in overrides if str(o).split("=")[0] in SEARCHED)
         config = results(run_dir)["config"]
         meta_lr, fast_lr = float(params["train.meta_lr"]), float(params["algo.fast_lr"])
         assert (config["train"]["meta_lr"], config["algo"]["fast_lr"]) == (meta_lr, fast_lr)
+        # The folder: the searched values to 4 significant digits (then the trial's number).
+        assert name.startswith(f"maml,omniglot,meta_lr={meta_lr:.4g},fast_lr={fast_lr:.4g},seed=0")
         assert 1e-4 <= meta_lr <= 1e-2 and 0.01 <= fast_lr <= 1.0
         trials[(meta_lr, fast_lr)] = results(run_dir)["val"]["best_acc"]
     assert len(trials) == 2
@@ -153,14 +158,15 @@ def test_optuna_records_a_failed_trial_and_finishes_the_study(tiny, tmp_path):
         "train.ways=choice(5,5000)",  # 5000-way episodes are impossible: that trial fails
     )
     folders = run_folders(sweep_dir)
-    assert set(folders) == {f"algo=protonet,train.ways={w}" for w in (5, 5000)}, output
-    assert code == 0, output
-    failed = folders["algo=protonet,train.ways=5000"]
+    assert set(folders) == {f"protonet,omniglot,ways={w},seed=0" for w in (5, 5000)}, output
+    assert code == 1, output  # the study finished; the failed trial is listed at the end
+    assert "1 job(s) of the sweep" in output
+    failed = folders["protonet,omniglot,ways=5000,seed=0"]
     assert "cannot sample 5000-way episodes" in (failed / "metarun.log").read_text()
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert best.best_params["train.ways"] == 5
     assert best.best_value == pytest.approx(
-        results(sweep_dir / "algo=protonet,train.ways=5")["val"]["best_acc"]
+        results(sweep_dir / "protonet,omniglot,ways=5,seed=0")["val"]["best_acc"]
     )
 
 

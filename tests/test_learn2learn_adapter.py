@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from metarun import learn2learn_adapter as adapter
+from metarun.data import learn2learn as adapter
 from metarun.data.episodes import EpisodeSampler
 from metarun.data.files import DataError
-from metarun.learn2learn_adapter import Learn2LearnDataset
+from metarun.data.learn2learn import Learn2LearnDataset
 
 # --- without learn2learn ------------------------------------------------------------------------
 
@@ -66,7 +66,7 @@ def test_offline_without_files_names_the_folder_and_files(tmp_path, name, expect
 
 
 def test_importing_the_adapter_does_not_import_learn2learn():
-    code = "import metarun.learn2learn_adapter, sys; print('learn2learn' in sys.modules)"
+    code = "import metarun.data.learn2learn, sys; print('learn2learn' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
@@ -76,7 +76,7 @@ def test_importing_the_adapter_does_not_import_learn2learn():
 def test_dataset_configs_compose(make_cfg, name):
     cfg = make_cfg(f"dataset={name}")
     assert cfg.dataset.name == name
-    assert cfg.dataset._target_ == "metarun.learn2learn_adapter.Learn2LearnDataset"
+    assert cfg.dataset._target_ == "metarun.data.learn2learn.Learn2LearnDataset"
     assert cfg.dataset.image_size == adapter.SPECS[name].image_size
 
 

@@ -57,7 +57,7 @@ def test_l2l_engine_gives_the_native_meta_gradient(cls, first_order):
 
 
 def test_l2l_engine_runs_in_the_runner(make_cfg, tmp_path):
-    from metarun.runner import run
+    from metarun import run
 
     summary = run(make_cfg("algo.engine=l2l"), tmp_path)
     assert 0.0 <= summary["test/acc"] <= 1.0

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metarun.algorithms import LearnedOptimizer, LSTMMetaLearner
-from metarun.algorithms.base import CLASSIFICATION, REGRESSION
 from metarun.algorithms.unrolled import UnrolledLearner, preprocess
 from metarun.data.sinusoid import Sinusoid
 from metarun.models import MLP
+from metarun.tasks import CLASSIFICATION, REGRESSION
 from tests.test_algorithms import TinyBackbone, tiny_episode
 
 
@@ -247,9 +247,8 @@ def test_runs_end_to_end_and_the_checkpoint_reproduces_the_test_score(
     the checkpoint). The progress lines name the task's metric."""
     from hydra.utils import instantiate
 
-    from metarun import checkpoint
+    from metarun import checkpoint, run
     from metarun.evaluation import evaluate, fixed_episodes
-    from metarun.runner import run
 
     overrides = ["algo.adaptation_steps=2", "algo.test_adaptation_steps=2"]
     if dataset == "sinusoid":

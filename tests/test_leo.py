@@ -171,7 +171,7 @@ def _random_pool():
 def test_learns_omniglot_on_a_tiny_budget(make_cfg, tmp_path, one_thread):
     """Trained jointly (no encoder checkpoint) for 60 iterations of 4 tasks: 52.5% on 50
     test episodes when measured (5-way 1-shot; chance is 20%)."""
-    from metarun.runner import run
+    from metarun import run
 
     budget = [
         "algo=leo",
@@ -199,9 +199,9 @@ def test_resumed_run_ends_like_an_uninterrupted_one(make_cfg, tmp_path, one_thre
     with the metrics and test result of a run of 4 (tiny sizes; on CPU)."""
     from omegaconf import OmegaConf
 
+    from metarun import run
     from metarun.checkpoint import load
     from metarun.data.files import atomic_torch_save
-    from metarun.runner import run
 
     overrides = ["algo=leo", one_thread, "algo.adaptation_steps=2", "algo.finetuning_steps=1"]
     run(make_cfg(*overrides), tmp_path / "ref")

@@ -155,7 +155,7 @@ def test_per_step_bn_without_batch_norm_names_the_fix():
 def test_mamlpp_experiment_anneals_the_meta_learning_rate_along_a_cosine(
     make_cfg, tmp_path, one_thread
 ):
-    from metarun.runner import run
+    from metarun import run
 
     iterations, high, low = 6, 0.002, 0.0005
     cfg = make_cfg(

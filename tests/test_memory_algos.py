@@ -413,7 +413,7 @@ def train_losses(run_dir) -> dict[int, float]:
 def test_run_writes_results_and_resumes_like_an_uninterrupted_run(
     algo, cls, make_cfg, tmp_path, one_thread, monkeypatch
 ):
-    from metarun.runner import run
+    from metarun import run
 
     cfg = make_cfg(f"algo={algo}", one_thread, *TINY[algo])
     whole = run(cfg, tmp_path / "whole")
@@ -452,7 +452,7 @@ def test_run_writes_results_and_resumes_like_an_uninterrupted_run(
 # (20%) by 7 points on 50 fixed test episodes (750 queries).
 @pytest.mark.slow
 def test_snail_learns_omniglot_on_a_tiny_budget(make_cfg, tmp_path, one_thread):
-    from metarun.runner import run
+    from metarun import run
 
     cfg = make_cfg(
         "algo=snail",
@@ -486,9 +486,9 @@ def test_mann_learns_to_bind_omniglot_images_to_labels_on_a_tiny_budget(
     there; guessing a label not yet given in the sequence does not. Measured: 33.9% (by
     instance 39 / 34 / 40 / 42 / 42%); with the paper's writes (keys, no add vectors) the
     same budget gave 20.05%."""
+    from metarun import run
     from metarun.data.episodes import EpisodeSampler
     from metarun.models import Conv4
-    from metarun.runner import run
 
     protonet = [one_thread, "algo=protonet", "model.hidden=32", "train.ways=20"]
     protonet += ["train.query_shots=5", "train.iterations=100", "eval.val_every=0"]

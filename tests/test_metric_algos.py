@@ -294,7 +294,7 @@ def test_siamese_pairs_continue_after_a_state_dict_round_trip():
 
 @pytest.mark.parametrize("algo", [MatchingNetworks, RelationNetworks, SiameseNetworks])
 def test_regression_tasks_are_refused_with_a_clear_error(algo):
-    from metarun.algorithms.base import REGRESSION
+    from metarun.tasks import REGRESSION
 
     with pytest.raises(ValueError, match="algo=maml"):
         algo(Identity(2), task=REGRESSION)
@@ -338,7 +338,7 @@ LEARNING_BUDGET = [
 def test_learns_omniglot_on_a_tiny_budget(
     make_cfg, tmp_path, one_thread, algo, name, overrides, floor
 ):
-    from metarun.runner import run
+    from metarun import run
 
     cfg = make_cfg(f"algo={algo}", one_thread, *LEARNING_BUDGET, *overrides)
     summary = run(cfg, tmp_path / "run")
@@ -353,7 +353,8 @@ def test_siamese_run_interrupted_and_resumed_ends_like_an_uninterrupted_run(
 ):
     """Through the runner: Ctrl-C during iteration 3 of 6, then ``resume=``; the pair
     sampler's position travels in the checkpoint, so the metrics match exactly."""
-    from metarun.runner import RunInterrupted, run
+    from metarun import run
+    from metarun.errors import RunInterrupted
     from tests.test_cli import read_metrics
 
     overrides = ["algo=siamese", "algo.embedding_size=32", "train.iterations=6", "eval.val_every=3"]

@@ -86,7 +86,7 @@ def test_five_way_one_shot_episodes_on_the_real_test_classes(mini):
 
 
 def test_run_on_the_reduced_protocol_records_the_split(make_cfg, tmp_path):
-    from metarun.runner import run
+    from metarun import run
 
     cfg = make_cfg(
         "dataset=miniimagenet",

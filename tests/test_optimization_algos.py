@@ -186,7 +186,7 @@ LEARNING_BUDGET = [
 def test_learns_omniglot_on_a_tiny_budget(
     make_cfg, tmp_path, one_thread, algo, name, overrides, floor
 ):
-    from metarun.runner import run
+    from metarun import run
 
     cfg = make_cfg(f"algo={algo}", one_thread, *LEARNING_BUDGET, *overrides)
     summary = run(cfg, tmp_path / "run")

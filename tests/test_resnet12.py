@@ -126,7 +126,7 @@ def test_protonet_trains_and_evaluates_with_running_statistics():
 
 
 def test_config_builds_the_model_and_a_run_uses_it(make_cfg, tmp_path):
-    from metarun.runner import run
+    from metarun import run
 
     cfg = make_cfg("model=resnet12", "model.channels=[4,4,8,8]", "algo=protonet")
     model = instantiate(cfg.model)(input_shape=(1, 28, 28))

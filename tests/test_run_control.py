@@ -12,7 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metarun.runner import _StopFlag, lr_scheduler, meta_optimizer, run
+from metarun import run
+from metarun.recipes.meta_learning import lr_scheduler, meta_optimizer
+from metarun.run_control import StopFlag
 
 
 def _lrs(**train) -> list[float]:
@@ -91,7 +93,7 @@ def test_stop_signals_request_a_checkpoint_and_slurms_usr2_reaches_the_old_handl
     calls = []
     previous = signal.signal(sig, lambda signum, frame: calls.append(signum))
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             os.kill(os.getpid(), sig)
             assert stop.requested and calls == []
         assert calls == ([sig] if name == "SIGUSR2" else [])

@@ -32,7 +32,9 @@ def indexed(pool: ClassPool) -> ClassPool:
     """The pool with each image replaced by its own index, so a sampled episode tells
     exactly which items (and so which drawers) it was made of."""
     index = torch.arange(pool.images.shape[0]).view(-1, 1, 1, 1)
-    return ClassPool(index, pool.class_items, pool.class_names, pool.groups, pool.drawers)
+    return ClassPool(
+        index, pool.class_items, pool.class_names, groups=pool.groups, drawers=pool.drawers
+    )
 
 
 def drawers_of(pool: ClassPool, items: torch.Tensor) -> torch.Tensor:
@@ -277,6 +279,13 @@ def test_runs_end_to_end_with_within_alphabet_episodes(data_dir, cache_dir, tmp_
     assert all(abs(s * 20 - round(s * 20)) < 1e-6 for s in scores)  # 20 queries each
     bad = subprocess.run(cmd[:-1] + ["eval.episodes=within"], capture_output=True, text=True)
     assert bad.returncode != 0 and "within_alphabet" in bad.stderr
+    # test= tests the run again on the same kind of episodes (its saved eval.episodes).
+    retest = [*cmd[:3], f"test={run}", "eval.test_episodes=3", f"hydra.run.dir={run}-again"]
+    subprocess.run(retest, check=True, capture_output=True, text=True, cwd=tmp_path)
+    again = json.loads((tmp_path / "run-again" / "results.json").read_text())
+    assert again["protocol"]["eval_episode"]["episodes"] == "within_alphabet"
+    assert again["test"]["episodes"] == 3
+    assert again["test"]["acc"] == pytest.approx(sum(scores[:3]) / 3)  # the same 3 episodes
 
 
 def test_train_rotations_add_rotated_alphabets_to_training_only(data_dir, cache_dir, proxy):

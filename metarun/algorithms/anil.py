@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from metarun.algorithms.base import Predictor, batch_norm_mode, buffer_copies
+from metarun.algorithms.base import (
+    BOTH_KINDS,
+    Capabilities,
+    Predictor,
+    batch_norm_mode,
+    buffer_copies,
+)
 from metarun.algorithms.maml import MAML, Params
 from metarun.data.episodes import Episode
 
@@ -24,6 +30,8 @@ class ANIL(MAML):
     The model is ``model = Sequential(body, head)``; :attr:`body` and :attr:`head` name
     its two parts.
     """
+
+    capabilities = Capabilities(task_kinds=BOTH_KINDS, adaptation_steps=True, fixed_ways=True)
 
     @property
     def body(self) -> torch.nn.Module:

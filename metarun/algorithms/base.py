@@ -4,29 +4,73 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from metarun.config import BatchNormMode
 from metarun.data.episodes import Episode
+from metarun.options import BatchNormMode
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """Maps query inputs ``(n_query, *input_shape)`` to predictions: logits ``(n_query, ways)``
 for classification, targets ``(n_query, outputs)`` for regression."""
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an algorithm supports, declared on its class (``capabilities = Capabilities(...)``)
+    and held against the config before any data is loaded
+    (:func:`metarun.checks.check_meta_learning`).
+
+    Attributes:
+        task_kinds: the :class:`~metarun.tasks.TaskKind` names it learns.
+        bn_modes: the values of ``algo.bn_mode`` it implements.
+        engines: the values of ``algo.engine`` (``loop`` for algorithms without the option).
+        engine_requires: for an engine, the ``algo.*`` values it needs (``{"vmap":
+            {"bn_mode": "transductive"}}``).
+        adaptation_steps: ``adapt(x, y, steps=k)`` takes a step count (``eval.report_steps``).
+        fixed_ways: its output has ``algo.ways`` classes: train and eval ways must equal it.
+        fixed_shots: its input sequence is sized by ``algo.shots``: train and eval shots too.
+        feature_maps: it takes a backbone that keeps feature maps (``model.flatten=false``).
+        episode_metrics: it reports per-episode metrics (:meth:`MetaLearner.episode_metrics`).
+        inner_loop_through_backbone: its inner loop differentiates through the backbone, so
+            with ``algo.first_order=false`` the backbone needs a double backward.
+        trainable: it is meta-trained, so ``train.iterations >= 1``; ``False`` for one that
+            has nothing to train (``algo=ensemble`` of trained runs), which runs with
+            ``train.iterations=0`` only: validated once and tested.
+    """
+
+    task_kinds: tuple[str, ...] = ("classification",)
+    bn_modes: tuple[str, ...] = ("transductive", "running")
+    engines: tuple[str, ...] = ("loop",)
+    engine_requires: dict[str, dict[str, str]] = field(default_factory=dict)
+    adaptation_steps: bool = False
+    fixed_ways: bool = False
+    fixed_shots: bool = False
+    feature_maps: bool = False
+    episode_metrics: bool = False
+    inner_loop_through_backbone: bool = False
+    trainable: bool = True
+
+
+BOTH_KINDS = ("classification", "regression")
+
+
 @runtime_checkable
 class MetaLearner(Protocol):
-    """What the runner needs from an algorithm (implemented by ``nn.Module`` subclasses).
+    """What the recipes need from an algorithm (implemented by ``nn.Module`` subclasses).
 
-    An algorithm that computes a whole meta-batch in one call sets ``stacks_tasks = True``;
-    the runner then hands :meth:`meta_loss` the meta-batch stacked by :meth:`Episode.stack`
-    (a leading task dimension) instead of one episode at a time."""
+    ``capabilities`` (on the class) declares what it supports. ``stacks_tasks`` says whether
+    :meth:`meta_loss` takes the whole meta-batch stacked by :meth:`Episode.stack` (a leading
+    task dimension: MAML's ``vmap`` engine, MANN) instead of one episode at a time.
+    Algorithms that declare ``adaptation_steps`` take ``adapt(..., steps=k)``; those that
+    declare ``episode_metrics`` have an ``episode_metrics(episode) -> dict[str, float]``."""
 
+    capabilities: Capabilities
+    stacks_tasks: bool
     bn_mode: BatchNormMode
 
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,34 +84,6 @@ class MetaLearner(Protocol):
         ``(n_support,)`` (labels) or ``(n_support, outputs)`` (regression) and returns a
         predictor for the queries. Never changes the algorithm's own state."""
         ...
-
-
-def mean_squared_error(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over ``(n, outputs)`` of the squared differences (the MAML paper's regression loss)."""
-    return F.mse_loss(predictions, targets)
-
-
-@dataclass(frozen=True)
-class TaskKind:
-    """What a dataset's tasks ask of an algorithm; the dataset declares it (``dataset.task``)
-    and the runner hands it to the algorithm, so no algorithm branches on the dataset.
-
-    Attributes:
-        metric: the metric's tag suffix (``train/<metric>``, ``test/<metric>``).
-        higher_is_better: direction of the metric, for picking the best validation.
-        loss: ``(predictions, targets) -> scalar`` minimised in the inner and outer loops.
-        score: ``(predictions, targets) -> scalar`` reported as the metric.
-        outputs: outputs of the algorithm's head; ``None`` means one per way (classes).
-    """
-
-    metric: str
-    higher_is_better: bool
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    outputs: int | None
-
-    def head_outputs(self, ways: int) -> int:
-        return ways if self.outputs is None else self.outputs
 
 
 @contextlib.contextmanager
@@ -86,16 +102,6 @@ def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the module's buffers, so an evaluation forward pass in train mode updates
     the copies and leaves the running statistics of the model untouched."""
     return {name: b.clone() for name, b in module.named_buffers()}
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fraction of ``(n, ways)`` logits whose argmax equals ``labels`` ``(n,)``."""
-    return (logits.argmax(dim=-1) == labels).float().mean()
-
-
-CLASSIFICATION = TaskKind("acc", True, F.cross_entropy, accuracy, outputs=None)
-"""Few-shot classification: cross-entropy, accuracy, a ``ways``-way head."""
-REGRESSION = TaskKind("mse", False, mean_squared_error, mean_squared_error, outputs=1)
 
 
 def linear_head(backbone: nn.Module, outputs: int) -> nn.Linear:
@@ -124,6 +130,3 @@ def require_classification(task: TaskKind, how: str) -> None:
             f"{how}, so it has no form for {task.metric} tasks; use a gradient-based "
             "algorithm such as algo=maml."
         )
-
-
-"""Few-shot regression of one target (e.g. sinusoids): MSE loss and metric, one output."""

@@ -17,33 +17,65 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
     require_classification,
 )
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 
-def member_checkpoint(path: str) -> Path:
-    """A run folder's ``checkpoints/best.pt`` (``last.pt`` if it has none), or ``path``
-    itself when it is a file."""
-    target = Path(path).expanduser().resolve()
-    if target.is_file():
-        return target
-    for name in ("best.pt", "last.pt"):
-        if (target / "checkpoints" / name).is_file():
-            return target / "checkpoints" / name
-    raise FileNotFoundError(
-        f"ensemble member {path}: no checkpoints/best.pt or checkpoints/last.pt there. Give "
-        f"a run folder that metarun wrote, or a checkpoint file (.pt)."
-    )
+def read_members(
+    members: list[str], split: str | None, image_size: int | None
+) -> list[tuple[Path, dict[str, Any], DictConfig]]:
+    """Each member's checkpoint file, its contents and its checked config (every
+    ``_target_`` metarun's own: :func:`metarun.checkpoint.saved_config`). A run folder gives
+    its ``checkpoints/best.pt`` (``last.pt`` if it has none). Builds nothing, so the checks
+    (:mod:`metarun.checks`) call it before any data is loaded.
+
+    Raises:
+        ValueError: fewer than two members, a task-stream run, or a member trained on
+            another split or image size.
+        FileNotFoundError: a member that is neither a run folder with a checkpoint nor a file.
+    """
+    from metarun import checkpoint
+
+    if len(members) < 2:
+        raise ValueError(
+            f"algo.members lists {len(members)} run(s); an ensemble needs at least two."
+        )
+    read = []
+    for member in members:
+        try:
+            path = checkpoint.pick(Path(member))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"ensemble member {member}: {err}") from None
+        state = checkpoint.load(path)
+        cfg = checkpoint.saved_config(state, path)
+        if state.get("recipe") == "continual" or cfg.get("scenario") is not None:
+            raise ValueError(
+                f"ensemble member {path} is a task-stream (lifelong) run; members must be "
+                f"meta-learning runs."
+            )
+        trained_on = (cfg.dataset.get("split"), cfg.dataset.get("image_size"))
+        if trained_on != (split, image_size):
+            raise ValueError(
+                f"ensemble member {path} was trained with dataset.split={trained_on[0]} at "
+                f"image_size={trained_on[1]}, the ensemble runs with split={split} at "
+                f"{image_size}: members must match the ensemble's dataset (a member trained "
+                f"on other classes may have seen its test classes). Set dataset.split and "
+                f"dataset.image_size to the members'."
+            )
+        read.append((path, state, cfg))
+    return read
 
 
 class Ensemble(nn.Module):
@@ -53,9 +85,13 @@ class Ensemble(nn.Module):
         members: run folders or checkpoint files (at least two).
         split: the dataset split every member must have been trained on.
         image_size: the image side every member must have been trained at.
-        backbone: the runner's backbone of ``model``; unused (each member has its own).
+        backbone: the recipe's backbone of ``model``; unused (each member has its own).
         task: the dataset's task kind; classification only.
     """
+
+    # Nothing to train: train.iterations must be 0 (checked before any data is loaded).
+    capabilities = Capabilities(trainable=False)
+    stacks_tasks = False
 
     def __init__(
         self,
@@ -68,31 +104,14 @@ class Ensemble(nn.Module):
         require_classification(task, "an ensemble averages class probabilities")
         super().__init__()
         from hydra.utils import instantiate
-        from omegaconf import OmegaConf
 
-        from metarun import checkpoint
-
-        if len(members) < 2:
-            raise ValueError(
-                f"algo.members lists {len(members)} run(s); an ensemble needs at least two."
-            )
         models = []
-        for path in members:
-            ckpt_path = member_checkpoint(path)
-            cfg = OmegaConf.create(checkpoint.load(ckpt_path)["config"])
-            trained_on = (cfg.dataset.get("split"), cfg.dataset.get("image_size"))
-            if trained_on != (split, image_size):
-                raise ValueError(
-                    f"ensemble member {ckpt_path} was trained with dataset.split="
-                    f"{trained_on[0]} at image_size={trained_on[1]}, the ensemble runs with "
-                    f"split={split} at {image_size}: members must match the ensemble's "
-                    f"dataset (a member trained on other classes may have seen its test "
-                    f"classes). Set dataset.split and dataset.image_size to the members'."
-                )
+        for _, state, cfg in read_members(members, split, image_size):
             size = int(cfg.dataset.image_size)
-            member_backbone = instantiate(cfg.model)(input_shape=(1, size, size))
-            model = instantiate(cfg.algo)(backbone=member_backbone, task=task)
-            model.load_state_dict(checkpoint.load(ckpt_path)["algo"])
+            shape = tuple(int(n) for n in state.get("input_shape", (1, size, size)))
+            backbone_of_member = instantiate(cfg.model)(input_shape=shape)
+            model = instantiate(cfg.algo)(backbone=backbone_of_member, task=task)
+            model.load_state_dict(state["algo"])
             models.append(model)
         modes = {m.bn_mode for m in models}
         if len(modes) != 1:
@@ -105,8 +124,7 @@ class Ensemble(nn.Module):
 
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError(
-            "an ensemble of trained runs is not trained itself: set train.iterations=0 "
-            "(experiment=lake_ensemble does)."
+            "an ensemble of trained runs is not trained itself: set train.iterations=0."
         )
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarun.algorithms.base import CLASSIFICATION, BatchNormMode, TaskKind
+from metarun.algorithms.base import BatchNormMode
 from metarun.algorithms.unrolled import State, UnrolledLearner, preprocess
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 NETWORKS = ("lstm", "mlp")
 MOMENTUM_DECAYS = (0.5, 0.9, 0.99)

@@ -42,17 +42,16 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
-    accuracy,
     batch_norm_mode,
     buffer_copies,
     require_classification,
 )
 from metarun.checkpoint import load_backbone
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind, accuracy
 
 
 class Gaussian:
@@ -104,6 +103,9 @@ class LEO(nn.Module):
         support ``(ways * shots, C, H, W)`` -> latent codes ``(ways, latent_size)`` ->
         classifier weights ``(ways, out_features)``; logits ``(n_query, ways)``.
     """
+
+    capabilities = Capabilities(adaptation_steps=True)
+    stacks_tasks = False
 
     def __init__(
         self,

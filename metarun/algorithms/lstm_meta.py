@@ -32,8 +32,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarun.algorithms.base import CLASSIFICATION, BatchNormMode, TaskKind
+from metarun.algorithms.base import BatchNormMode
 from metarun.algorithms.unrolled import State, UnrolledLearner, preprocess
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 INPUT_FEATURES = 4  # preprocessed gradient (2) and preprocessed loss (2)
 

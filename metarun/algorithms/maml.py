@@ -19,15 +19,16 @@ from torch.func import functional_call
 
 from metarun.algorithms import vmap_engine
 from metarun.algorithms.base import (
-    CLASSIFICATION,
+    BOTH_KINDS,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
     batch_norm_mode,
     buffer_copies,
     linear_head,
 )
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 Params = dict[str, torch.Tensor]
 ENGINES = ("loop", "vmap", "l2l")
@@ -50,10 +51,19 @@ class MAML(nn.Module):
             adapts to all of them in one vectorised call
             (:mod:`metarun.algorithms.vmap_engine`; ``meta_loss`` then takes a stacked
             meta-batch); ``l2l`` runs each task through learn2learn's own implementation
-            (:func:`metarun.learn2learn_adapter.l2l_meta_loss`). Same meta-gradient;
+            (:func:`metarun.algorithms.l2l_engine.l2l_meta_loss`). Same meta-gradient;
             which is fastest depends on the hardware and the task size
             (``docs/BENCHMARKS.md``).
     """
+
+    capabilities = Capabilities(
+        task_kinds=BOTH_KINDS,
+        engines=ENGINES,
+        engine_requires={"vmap": {"bn_mode": "transductive"}},
+        adaptation_steps=True,
+        fixed_ways=True,
+        inner_loop_through_backbone=True,
+    )
 
     def __init__(
         self,
@@ -87,7 +97,7 @@ class MAML(nn.Module):
             # Not a submodule: a structural copy run with this module's parameters.
             object.__setattr__(self, "_vmap_network", vmap_engine.stateless_copy(self.model))
         if engine == "l2l":
-            from metarun.learn2learn_adapter import import_learn2learn
+            from metarun.data.learn2learn import import_learn2learn
 
             import_learn2learn()  # fails now, with the install command, if it is missing
 
@@ -137,7 +147,7 @@ class MAML(nn.Module):
         if self.engine == "vmap":  # a stacked meta-batch: (tasks, n, C, H, W)
             return vmap_engine.vmap_meta_loss(self, self._vmap_network, episode)
         if self.engine == "l2l":
-            from metarun.learn2learn_adapter import l2l_meta_loss
+            from metarun.algorithms.l2l_engine import l2l_meta_loss
 
             return l2l_meta_loss(self, episode)
         buffers = dict(self.model.named_buffers())

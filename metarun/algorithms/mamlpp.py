@@ -30,15 +30,16 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
+    BOTH_KINDS,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
     batch_norm_mode,
     buffer_copies,
 )
 from metarun.algorithms.maml import MAML, Params
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 MSL_FLOOR = 0.03  # times 1/N: the final weight of each non-final step's query loss
 
@@ -116,6 +117,13 @@ class MAMLPlusPlus(MAML):
             the inner loop adapts, in the order of :meth:`inner_params`.
         step_bn: with ``per_step_bn``, the per-step batch-norm sets (:class:`StepBatchNorm`).
     """
+
+    capabilities = Capabilities(
+        task_kinds=BOTH_KINDS,
+        adaptation_steps=True,
+        fixed_ways=True,
+        inner_loop_through_backbone=True,
+    )
 
     def __init__(
         self,

@@ -54,17 +54,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
-    accuracy,
     batch_norm_mode,
     buffer_copies,
     require_classification,
 )
 from metarun.checkpoint import load_backbone
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind, accuracy
 
 
 def delayed_labels(labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -187,6 +186,9 @@ class MANN(nn.Module):
         task: the dataset's task kind (given by the runner); classification only.
     """
 
+    capabilities = Capabilities(fixed_ways=True, episode_metrics=True)
+    stacks_tasks = True  # the recipe hands over the meta-batch stacked: one batched run
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -293,8 +295,6 @@ class MANN(nn.Module):
                 f"MANN was built for {self.ways}-way episodes (algo.ways) and got a {ways}-way "
                 f"one; set train.ways and eval.ways to the same value."
             )
-
-    stacks_tasks = True  # the runner hands over the meta-batch stacked: one batched run
 
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy and accuracy over every step of each episode presented as one

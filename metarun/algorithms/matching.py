@@ -17,16 +17,15 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
-    accuracy,
     batch_norm_mode,
     buffer_copies,
     require_classification,
 )
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind, accuracy
 
 
 def cosine_similarities(queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -111,6 +110,9 @@ class MatchingNetworks(nn.Module):
         bn_mode: see :class:`BatchNormMode`.
         task: the dataset's task kind (given by the runner); classification only.
     """
+
+    capabilities = Capabilities()
+    stacks_tasks = False
 
     def __init__(
         self,

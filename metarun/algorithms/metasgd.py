@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarun.algorithms.base import CLASSIFICATION, BatchNormMode, TaskKind
+from metarun.algorithms.base import BatchNormMode
 from metarun.algorithms.maml import MAML, Params
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 
 class MetaSGD(MAML):

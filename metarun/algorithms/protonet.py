@@ -12,16 +12,15 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
-    accuracy,
     batch_norm_mode,
     buffer_copies,
     require_classification,
 )
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind, accuracy
 
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -51,6 +50,9 @@ class ProtoNet(nn.Module):
         bn_mode: see :class:`BatchNormMode`; the paper's code evaluates with ``running``.
         task: the dataset's task kind (given by the runner); classification only.
     """
+
+    capabilities = Capabilities()
+    stacks_tasks = False
 
     def __init__(
         self,

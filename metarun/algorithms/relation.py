@@ -21,16 +21,15 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
-    accuracy,
     batch_norm_mode,
     buffer_copies,
     require_classification,
 )
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind, accuracy
 
 
 def class_features(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -111,6 +110,9 @@ class RelationNetworks(nn.Module):
         bn_mode: see :class:`BatchNormMode` (for the backbone and the relation module).
         task: the dataset's task kind (given by the runner); classification only.
     """
+
+    capabilities = Capabilities(feature_maps=True)
+    stacks_tasks = False
 
     def __init__(
         self,

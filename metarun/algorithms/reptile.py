@@ -25,9 +25,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import CLASSIFICATION, BatchNormMode, TaskKind
+from metarun.algorithms.base import (
+    BOTH_KINDS,
+    BatchNormMode,
+    Capabilities,
+)
 from metarun.algorithms.maml import MAML, Params
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 
 class InnerOptimizer(str, Enum):
@@ -52,6 +57,8 @@ class Reptile(MAML):
             transductive setting) or ``running``; see :class:`BatchNormMode`.
         task: the loss, metric and head size of the dataset's tasks (given by the runner).
     """
+
+    capabilities = Capabilities(task_kinds=BOTH_KINDS, adaptation_steps=True, fixed_ways=True)
 
     def __init__(
         self,

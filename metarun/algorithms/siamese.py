@@ -24,16 +24,15 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
-    accuracy,
     batch_norm_mode,
     buffer_copies,
     require_classification,
 )
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind, accuracy
 
 _PAIRWISE_CHUNK = 1 << 24  # elements of a (queries, support, d) difference tensor at once
 
@@ -133,6 +132,9 @@ class SiameseNetworks(nn.Module):
         bn_mode: see :class:`BatchNormMode`.
         task: the dataset's task kind (given by the runner); classification only.
     """
+
+    capabilities = Capabilities()
+    stacks_tasks = False
 
     def __init__(
         self,

@@ -31,16 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
-    accuracy,
     batch_norm_mode,
     buffer_copies,
     require_classification,
 )
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind, accuracy
 
 
 class DenseBlock(nn.Module):
@@ -115,6 +114,9 @@ class SNAIL(nn.Module):
         bn_mode: see :class:`BatchNormMode`.
         task: the dataset's task kind (given by the runner); classification only.
     """
+
+    capabilities = Capabilities(fixed_ways=True, fixed_shots=True)
+    stacks_tasks = False
 
     def __init__(
         self,

@@ -16,15 +16,16 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
-    CLASSIFICATION,
+    BOTH_KINDS,
     BatchNormMode,
+    Capabilities,
     Predictor,
-    TaskKind,
     batch_norm_mode,
     buffer_copies,
     linear_head,
 )
 from metarun.data.episodes import Episode
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 Params = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
@@ -92,6 +93,14 @@ class UnrolledLearner(nn.Module):
         loss_every_step: meta-loss = mean of the query losses after every step.
         truncation: steps per truncated-BPTT segment; 0 back-propagates through all.
     """
+
+    capabilities = Capabilities(
+        task_kinds=BOTH_KINDS,
+        adaptation_steps=True,
+        fixed_ways=True,
+        inner_loop_through_backbone=True,
+    )
+    stacks_tasks = False
 
     def __init__(
         self,

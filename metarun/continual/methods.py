@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from metarun.algorithms.base import CLASSIFICATION, TaskKind
 from metarun.continual.buffer import ReservoirBuffer
 from metarun.continual.scenarios import SineFunctions
 from metarun.data.episodes import ClassPool
+from metarun.errors import NonFiniteError
+from metarun.tasks import CLASSIFICATION, TaskKind
 
 Sampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 """``sample(n)`` -> ``(x (n, C, H, W), y (n,))``: training examples of the task just learned."""
@@ -53,13 +55,29 @@ def masked_logits(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 def _check_finite(loss: torch.Tensor, what: str) -> None:
     if not math.isfinite(loss.item()):
-        from metarun.runner import NonFiniteLossError
-
-        raise NonFiniteLossError(
+        raise NonFiniteError(
             f"the {what} loss is {loss.item()}; no update was applied. Lower the learning "
-            f"rate (algo.lr, algo.fast_lr or algo.meta_lr) and start again, or resume from "
-            f"the last checkpoint."
+            f"rate (algo.lr, algo.fast_lr or algo.meta_lr), then continue from the last "
+            f"checkpoint with `metarun resume=RUN algo.lr=...` or start again."
         )
+
+
+@dataclass(frozen=True)
+class StreamCapabilities:
+    """What a continual method supports, declared on its class and held against the config
+    before any data is loaded (:func:`metarun.checks.check_continual`).
+
+    Attributes:
+        task_kinds: the :class:`~metarun.tasks.TaskKind` names of the streams it learns.
+        needs_meta_training: it meta-trains on data held out of the stream (the scenario
+            must provide it).
+        inner_loop_through_backbone: it differentiates through gradient steps taken in the
+            backbone, so with ``algo.first_order=false`` the backbone needs a double backward.
+    """
+
+    task_kinds: tuple[str, ...] = ("classification", "regression")
+    needs_meta_training: bool = False
+    inner_loop_through_backbone: bool = False
 
 
 class ContinualLearner(nn.Module):
@@ -74,6 +92,8 @@ class ContinualLearner(nn.Module):
         task: the scenario's loss and metric (``CLASSIFICATION`` or ``REGRESSION``, whose
             head has ``task.outputs`` outputs).
     """
+
+    capabilities = StreamCapabilities()
 
     cumulative = False  # joint training draws every batch from all tasks seen so far
     meta_iterations = 0  # meta-training steps before the stream (OML)
@@ -143,6 +163,12 @@ class ContinualLearner(nn.Module):
 
     def end_task(self, sample: Sampler, classes: torch.Tensor) -> None:
         """Called after the last batch of a task, with a sampler of its training data."""
+
+    def reset_learning_rates(self) -> None:
+        """Puts the configured learning rate (``lr``) back into the optimiser after a
+        checkpoint's state was loaded (a resumed run may have lowered it)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
 
     def get_extra_state(self) -> dict:
         return {"generator": self.generator.get_state(), "optimizer": self.optimizer.state_dict()}
@@ -318,6 +344,8 @@ class OML(ContinualLearner):
         first_order: drop the second-order terms of the inner steps.
     """
 
+    capabilities = StreamCapabilities(needs_meta_training=True)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -437,6 +465,8 @@ class LaMAML(ContinualLearner):
         first_order: drop the second-order terms of the inner steps.
     """
 
+    capabilities = StreamCapabilities(inner_loop_through_backbone=True)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -457,6 +487,7 @@ class LaMAML(ContinualLearner):
             [nn.Parameter(torch.full_like(p, fast_lr)) for p in self.parameters()]
         )
         self.weight_names = names
+        self.lr = meta_lr  # the learning rate of the alphas' optimiser
         self.optimizer = torch.optim.SGD(self.alphas.parameters(), lr=meta_lr)
         self.buffer = replay_buffer(buffer_size, input_shape, task)
         self.adaptation_steps, self.replay_batch_size = adaptation_steps, replay_batch_size

@@ -23,14 +23,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from metarun.algorithms.base import CLASSIFICATION, REGRESSION, TaskKind
 from metarun.data.episodes import ClassPool
+from metarun.tasks import CLASSIFICATION, REGRESSION, TaskKind
 
 INCREMENTAL = ("task", "class", "domain")
 
 
 class ScenarioError(ValueError):
     """A scenario that cannot be built, or one combined with a method that cannot learn it."""
+
+
+def declares(task: TaskKind = CLASSIFICATION, meta_training: bool | str = False):
+    """Declares, on a scenario builder, what its stream holds before it is built (read by
+    :func:`metarun.checks.check_continual`): the ``task`` kind of its tasks, and whether it
+    provides a meta-training set (``True``/``False``, or the name of the builder's option
+    whose positive value gives one)."""
+
+    def mark(builder):
+        builder.task, builder.meta_training = task, meta_training
+        return builder
+
+    return mark
 
 
 @dataclass
@@ -185,6 +198,7 @@ def _subset(labels: torch.Tensor, classes: list[int], limit: int | None, g: torc
     return idx
 
 
+@declares()
 def split_mnist(
     root: str | None,
     incremental: str = "class",
@@ -244,6 +258,7 @@ def split_mnist(
     )
 
 
+@declares()
 def permuted_mnist(
     root: str | None,
     n_tasks: int = 10,
@@ -299,6 +314,7 @@ def permuted_mnist(
     )
 
 
+@declares(meta_training=True)
 def omniglot_continual(
     root: str | None,
     cache_dir: str | None,
@@ -463,6 +479,7 @@ class SineFunctions:
         )
 
 
+@declares(REGRESSION, meta_training="meta_functions")
 def sinusoid_stream(
     n_tasks: int = 10,
     train_per_task: int = 1280,

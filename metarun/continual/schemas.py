@@ -8,19 +8,21 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
+from metarun.options import at_least, choice, positive
+
 
 @dataclass
 class SplitMNISTConfig:
     _target_: str = "metarun.continual.scenarios.split_mnist"
     root: str | None = MISSING
-    incremental: str = MISSING  # class | task
-    classes_per_task: int = MISSING
+    incremental: str = choice("class", "task")
+    classes_per_task: int = at_least(1)
     shuffle_classes: bool = MISSING
-    seed: int = MISSING
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    train_per_task: int | None = None
-    variant: str = MISSING  # mnist | fashion_mnist
+    seed: int = at_least(0)
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    train_per_task: int | None = at_least(1, None)
+    variant: str = choice("mnist", "fashion_mnist")
     download: bool = MISSING
 
 
@@ -28,12 +30,12 @@ class SplitMNISTConfig:
 class PermutedMNISTConfig:
     _target_: str = "metarun.continual.scenarios.permuted_mnist"
     root: str | None = MISSING
-    n_tasks: int = MISSING
-    seed: int = MISSING
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    train_per_task: int | None = None
-    variant: str = MISSING
+    n_tasks: int = at_least(1)
+    seed: int = at_least(0)
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    train_per_task: int | None = at_least(1, None)
+    variant: str = choice("mnist", "fashion_mnist")
     download: bool = MISSING
 
 
@@ -42,35 +44,35 @@ class OmniglotContinualConfig:
     _target_: str = "metarun.continual.scenarios.omniglot_continual"
     root: str | None = MISSING
     cache_dir: str | None = MISSING
-    n_classes: int = MISSING
-    train_shots: int = MISSING
-    seed: int = MISSING
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    image_size: int = MISSING
+    n_classes: int = at_least(1)
+    train_shots: int = at_least(1)
+    seed: int = at_least(0)
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    image_size: int = at_least(4)
     download: bool = MISSING
 
 
 @dataclass
 class SinusoidStreamConfig:
     _target_: str = "metarun.continual.scenarios.sinusoid_stream"
-    n_tasks: int = MISSING  # functions in the stream (and width of the one-hot id)
-    train_per_task: int = MISSING
-    test_per_task: int = MISSING
-    meta_functions: int = MISSING  # OML's meta-training set; 0 for none
+    n_tasks: int = at_least(1)  # functions in the stream (and width of the one-hot id)
+    train_per_task: int = at_least(1)
+    test_per_task: int = at_least(1)
+    meta_functions: int = at_least(0)  # OML's meta-training set; 0 for none
     amplitude: list[float] = MISSING  # [low, high]
     phase: list[float] = MISSING  # [low, high], radians
     x_range: list[float] = MISSING  # [low, high]
-    seed: int = MISSING
-    epochs: int = MISSING
-    batch_size: int = MISSING
+    seed: int = at_least(0)
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
 
 
 @dataclass
 class NaiveConfig:
     _target_: str = "metarun.continual.methods.Naive"
     _partial_: bool = True
-    lr: float = MISSING
+    lr: float = positive()
 
 
 @dataclass
@@ -82,30 +84,30 @@ class JointConfig(NaiveConfig):
 class ERConfig:
     _target_: str = "metarun.continual.methods.ExperienceReplay"
     _partial_: bool = True
-    lr: float = MISSING
-    buffer_size: int = MISSING
-    replay_batch_size: int = MISSING
+    lr: float = positive()
+    buffer_size: int = at_least(1)
+    replay_batch_size: int = at_least(1)
 
 
 @dataclass
 class EWCConfig:
     _target_: str = "metarun.continual.methods.EWC"
     _partial_: bool = True
-    lr: float = MISSING
-    ewc_lambda: float = MISSING
-    fisher_samples: int = MISSING
+    lr: float = positive()
+    ewc_lambda: float = at_least(0.0)
+    fisher_samples: int = at_least(1)
 
 
 @dataclass
 class OMLConfig:
     _target_: str = "metarun.continual.methods.OML"
     _partial_: bool = True
-    fast_lr: float = MISSING
-    meta_lr: float = MISSING
-    meta_iterations: int = MISSING
-    trajectory_classes: int = MISSING
-    trajectory_shots: int = MISSING
-    query_shots: int = MISSING
+    fast_lr: float = positive()
+    meta_lr: float = positive()
+    meta_iterations: int = at_least(0)
+    trajectory_classes: int = at_least(1)
+    trajectory_shots: int = at_least(1)
+    query_shots: int = at_least(0)
     first_order: bool = MISSING
 
 
@@ -113,11 +115,11 @@ class OMLConfig:
 class LaMAMLConfig:
     _target_: str = "metarun.continual.methods.LaMAML"
     _partial_: bool = True
-    fast_lr: float = MISSING
-    meta_lr: float = MISSING
-    adaptation_steps: int = MISSING
-    buffer_size: int = MISSING
-    replay_batch_size: int = MISSING
+    fast_lr: float = positive()
+    meta_lr: float = positive()
+    adaptation_steps: int = at_least(1)
+    buffer_size: int = at_least(1)
+    replay_batch_size: int = at_least(1)
     first_order: bool = MISSING
 
 

@@ -8,10 +8,13 @@ permutation of ``0..ways-1`` in every episode.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class EpisodeError(ValueError):
@@ -83,6 +86,13 @@ class ClassPool:
         class_items: ``(n_classes, max_per_class)`` indices into ``images``; rows of classes
             with fewer images are padded with ``-1``.
         class_names: one name per class, for reports.
+        origin: where the classes come from, for error messages (e.g. ``the test split
+            (the classes listed in /data/test.txt)``); empty: ``the split``.
+        small_classes: what a sampler does with a class that has fewer images than an
+            episode takes (``shots + query_shots``): ``skip`` leaves it out silently (the
+            built-in datasets with uneven classes), ``drop`` leaves it out and names it in
+            a warning, ``error`` refuses with an :class:`EpisodeError` that names it (the
+            user's own data, ``dataset.drop_small_classes``).
         groups: optional, the group of each class (Omniglot: its alphabet), for episodes
             drawn within one group (:mod:`metarun.data.within_alphabet`).
         drawers: optional ``(n_classes, max_per_class)`` int, who made each item of
@@ -92,17 +102,24 @@ class ClassPool:
     images: torch.Tensor
     class_items: torch.Tensor
     class_names: list[str]
+    origin: str = ""
+    small_classes: str = "skip"
     groups: list[str] | None = None
     drawers: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.class_items.shape[0] != len(self.class_names):
             raise ValueError("class_items and class_names disagree on the number of classes")
+        if self.small_classes not in ("skip", "drop", "error"):
+            raise ValueError(
+                f"small_classes must be skip, drop or error, not {self.small_classes!r}"
+            )
         if self.groups is not None and len(self.groups) != len(self.class_names):
             raise ValueError("groups and class_names disagree on the number of classes")
         if self.drawers is not None and self.drawers.shape != self.class_items.shape:
             raise ValueError("drawers must have the shape of class_items")
         self.counts = (self.class_items >= 0).sum(dim=1)
+        self._reported: set[int] = set()  # episode sizes whose dropped classes were logged
 
     @classmethod
     def from_grouped(
@@ -117,7 +134,7 @@ class ClassPool:
         n_classes, per_class = images.shape[:2]
         items = torch.arange(n_classes * per_class).view(n_classes, per_class)
         flat = images.reshape(n_classes * per_class, *images.shape[2:])
-        return cls(flat, items, class_names, groups, drawers)
+        return cls(flat, items, class_names, groups=groups, drawers=drawers)
 
     @property
     def n_classes(self) -> int:
@@ -126,6 +143,32 @@ class ClassPool:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+def _check_small_classes(
+    pool: ClassPool, eligible: torch.Tensor, shots: int, query_shots: int
+) -> None:
+    """Names the classes with fewer than ``shots + query_shots`` images, in an error or a
+    warning, as ``pool.small_classes`` asks (see :class:`ClassPool`)."""
+    small = torch.nonzero(~eligible).flatten().tolist()
+    per_episode = shots + query_shots
+    if not small or pool.small_classes == "skip":
+        return
+    listed = ", ".join(f"{pool.class_names[i]} ({int(pool.counts[i])})" for i in small[:10])
+    more = f" and {len(small) - 10} more" if len(small) > 10 else ""
+    what = (
+        f"{len(small)} of the {pool.n_classes} classes of {pool.origin or 'the split'} have "
+        f"fewer than shots={shots} + query_shots={query_shots} = {per_episode} examples "
+        f"(examples in brackets): {listed}{more}"
+    )
+    if pool.small_classes == "error":
+        raise EpisodeError(
+            f"{what}. Add examples to them, lower shots/query_shots, or set "
+            f"dataset.drop_small_classes=true to leave them out of these episodes."
+        )
+    if per_episode not in pool._reported:
+        pool._reported.add(per_episode)
+        log.warning("%s; left out of these episodes (dataset.drop_small_classes=true)", what)
 
 
 class EpisodeSampler:
@@ -147,12 +190,14 @@ class EpisodeSampler:
                 f"an episode needs ways, shots and query_shots >= 1, got ways={ways}, "
                 f"shots={shots}, query_shots={query_shots}"
             )
+        split = pool.origin or "the split"
         if ways > pool.n_classes:
             raise EpisodeError(
-                f"cannot sample {ways}-way episodes: the split has only {pool.n_classes} "
+                f"cannot sample {ways}-way episodes: {split} has only {pool.n_classes} "
                 f"classes. Lower `ways` to at most {pool.n_classes}."
             )
         eligible = pool.counts >= per_episode
+        _check_small_classes(pool, eligible, shots, query_shots)
         if int(eligible.sum()) < ways:
             raise EpisodeError(
                 f"cannot sample {ways}-way episodes with shots={shots} + query_shots="

@@ -64,7 +64,7 @@ class MiniImageNet:
             the pickles).
         reduced_val_classes: val classes held out for validation under ``val_test_reduced``.
         download: when neither format is complete, download learn2learn's pickles through
-            :mod:`metarun.learn2learn_adapter` (needs learn2learn and internet).
+            :mod:`metarun.data.learn2learn` (needs learn2learn and internet).
     """
 
     channels = 3
@@ -123,7 +123,7 @@ class MiniImageNet:
         return imagepool.subset(val, range(first_held_out, val.n_classes))
 
     def _download(self, missing: DataError) -> None:
-        from metarun.learn2learn_adapter import download_miniimagenet_pickles
+        from metarun.data.learn2learn import download_miniimagenet_pickles
 
         log.info("downloading learn2learn's miniImageNet pickles into %s", self.folder)
         try:

@@ -42,6 +42,7 @@ import torch
 
 from metarun.data.episodes import ClassPool
 from metarun.data.files import DataError, atomic_torch_save, cache_root, data_root, download
+from metarun.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Omniglot:
             extracted folders); ``None`` means the user data folder. Never written to,
             except by a download into it.
         cache_dir: writable folder for the resized tensor cache; ``None`` means the user cache.
-        split: ``vinyals`` or ``lake`` (see the module docstring).
+        split: ``vinyals``, ``lake`` or ``lake_proxy`` (see the module docstring).
         image_size: side of the square images after resizing.
         download: fetch missing archives from ``mirror`` (checking the official MD5).
         mirror: base URL of the archives; ``None`` means the official repository.
@@ -77,6 +78,8 @@ class Omniglot:
     """
 
     channels = 1
+    episode_kinds = ("standard", "within_alphabet")  # train/eval.episodes (metarun.checks)
+    augmentations = ("none", "affine")  # train.augment
 
     def __init__(
         self,
@@ -91,7 +94,7 @@ class Omniglot:
         if split not in SPLITS:
             raise ValueError(f"unknown Omniglot split {split!r}; choose one of {SPLITS}")
         if train_rotations and split == "vinyals":
-            raise ValueError(
+            raise ConfigError(
                 "dataset.train_rotations=true adds rotated training classes to the lake and "
                 "lake_proxy splits; the vinyals split has them already. Set it to false."
             )
@@ -283,7 +286,11 @@ def _decode_files(files: dict, size: int) -> tuple[list[str], torch.Tensor, torc
     drawers = torch.empty(len(chars), DRAWINGS, dtype=torch.int16)
     for i, char in enumerate(chars):
         for j, drawer in enumerate(sorted(by_char[char])):
-            out[i, j] = decode_image(files[by_char[char][drawer]](), size)
+            member = by_char[char][drawer]
+            try:
+                out[i, j] = decode_image(files[member](), size)
+            except (OSError, ValueError, zipfile.BadZipFile) as err:
+                raise OSError(f"cannot read or decode {member}: {err}") from err
             drawers[i, j] = drawer
     return chars, out, drawers
 
@@ -291,9 +298,12 @@ def _decode_files(files: dict, size: int) -> tuple[list[str], torch.Tensor, torc
 def decode_image(data: bytes, size: int) -> torch.Tensor:
     """An Omniglot PNG (dark strokes on white) -> ``(1, size, size)`` uint8, resized
     (Lanczos) and inverted so strokes are bright; also used for Lake's one-shot runs."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    img = Image.open(io.BytesIO(data)).convert("L")
+    try:
+        img = Image.open(io.BytesIO(data)).convert("L")
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image Pillow can read ({len(data)} bytes)") from None
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return 255 - pixels.view(1, size, size)

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from metarun.algorithms.base import REGRESSION
 from metarun.data.episodes import Episode, EpisodeError
+from metarun.tasks import REGRESSION
 
 SPLITS = ("train", "val", "test")
 
@@ -49,52 +49,44 @@ class Sinusoid:
     def figures(
         self, algo: torch.nn.Module, sampler: SinusoidSampler, report_steps: list[int]
     ) -> dict[str, torch.Tensor]:
-        """Images for TensorBoard: ``adapted_curves``, a 2x2 grid of test tasks, each with
-        the true function (thick grey), the support points (black), the meta-learned
-        initialisation (thin blue) and the prediction after each of ``report_steps``
-        adaptation steps (or the algorithm's own number when empty). ``(3, H, W)`` uint8."""
-        from PIL import Image, ImageDraw  # only when a run ends
+        """Images for TensorBoard: ``adapted_curves``, four test tasks, each with the true
+        function, the support points, the meta-learned initialisation (0 steps) and the
+        prediction after each of ``report_steps`` adaptation steps (or the algorithm's own
+        number when empty), with axes and a legend (:func:`metarun.figures.sinusoid_tasks`).
+        ``(3, H, W)`` uint8; none (and one warning) without matplotlib."""
+        from metarun import figures
 
-        panel_w, panel_h, tasks = 360, 240, 4
+        if not figures.warn_missing():
+            return {}
         device = next(algo.parameters()).device
-        grid = torch.linspace(*self.x_range, panel_w).unsqueeze(1)
-        y_max = max(abs(a) for a in self.amplitude) * 1.3
-        image = Image.new("RGB", (2 * panel_w, 2 * panel_h), "white")
-        draw = ImageDraw.Draw(image)
+        grid = torch.linspace(*self.x_range, 200).unsqueeze(1)
         step_counts: list[int | None] = [*report_steps] or [None]
-        palette = [(214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-        for t in range(tasks):
-            ox, oy = (t % 2) * panel_w, (t // 2) * panel_h
+        panels = []
+        for _ in range(4):
             episode, amplitude, phase = sampler.sample_task()
-
-            def to_px(
-                x: torch.Tensor, y: torch.Tensor, ox: int = ox, oy: int = oy
-            ) -> list[tuple[float, float]]:
-                u = (x - self.x_range[0]) / (self.x_range[1] - self.x_range[0]) * (panel_w - 1)
-                v = (1 - (y.clamp(-y_max, y_max) + y_max) / (2 * y_max)) * (panel_h - 1)
-                return [(ox + a, oy + b) for a, b in zip(u.tolist(), v.tolist(), strict=True)]
-
-            draw.rectangle([ox, oy, ox + panel_w - 1, oy + panel_h - 1], outline=(200, 200, 200))
-            draw.line(to_px(grid[:, 0], amplitude * torch.sin(grid[:, 0] - phase)), (150,) * 3, 3)
             sx, sy = episode.support_x.to(device), episode.support_y.to(device)
-            curves = [(0, (31, 119, 180))] + [
-                (k, palette[i % len(palette)]) for i, k in enumerate(step_counts)
-            ]
-            for steps, colour in curves:
+            curves = {}
+            for steps in [0, *step_counts]:
                 kwargs = {} if steps is None else {"steps": steps}
                 with torch.no_grad():
                     pred = algo.adapt(sx, sy, **kwargs)(grid.to(device)).float().cpu()
-                draw.line(to_px(grid[:, 0], pred[:, 0]), colour, 1 if steps == 0 else 2)
-            for x, y in to_px(episode.support_x[:, 0], episode.support_y[:, 0]):
-                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(0, 0, 0))
-            legend = "0 (init) " + " ".join("test" if k is None else str(k) for k in step_counts)
-            draw.text(
-                (ox + 6, oy + 4),
-                f"A={amplitude:.2f} phase={phase:.2f} steps: {legend}",
-                fill=(0, 0, 0),
+                name = {0: "meta-learned init (0 steps)", None: "adapted (test steps)"}.get(
+                    steps, f"after {steps} step{'s' if steps != 1 else ''}"
+                )
+                curves[name] = pred[:, 0].tolist()
+            panels.append(
+                {
+                    "x": grid[:, 0].tolist(),
+                    "truth": (amplitude * torch.sin(grid[:, 0] - phase)).tolist(),
+                    "support_x": episode.support_x[:, 0].tolist(),
+                    "support_y": episode.support_y[:, 0].tolist(),
+                    "curves": curves,
+                    "amplitude": amplitude,
+                    "phase": phase,
+                }
             )
-        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        return {"adapted_curves": array.view(2 * panel_h, 2 * panel_w, 3).permute(2, 0, 1)}
+        fig = figures.sinusoid_tasks(panels, self.x_range)
+        return {"adapted_curves": torch.from_numpy(figures.to_rgb(fig))}
 
     def pool(self, split: str) -> SinusoidTasks:
         if split not in SPLITS:

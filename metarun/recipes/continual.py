@@ -1,64 +1,59 @@
-"""The stream: config -> scenario and method -> (meta-training) -> tasks in order ->
-matrix of the scenario's metric (accuracy, or MSE for regression) -> results.
-:func:`metarun.runner.run` hands over here when a scenario is set; the run folder,
-``metrics.jsonl``, TensorBoard, checkpoints, Ctrl-C and resume work as in meta-training.
-Read :func:`run_stream` top to bottom for the loop.
+"""The continual (lifelong) recipe: config -> scenario and method -> (meta-training) ->
+tasks in order -> matrix of the scenario's metric (accuracy, or MSE for regression) ->
+results.
+
+The run folder and its lock, ``metrics.jsonl``, TensorBoard, checkpoints
+(:mod:`metarun.checkpoint`), hardware (device, ``amp``, ``channels_last``, ``compile``),
+Ctrl-C and resume work as in the sibling meta-learning recipe, on the same scaffold
+(:mod:`metarun.run_control`). Read :func:`run` top to bottom for the loop.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import platform
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import metarun
+from metarun import checkpoint
 from metarun.checkpoint import LAST
+from metarun.checks import check_continual
 from metarun.continual.methods import ContinualLearner, masked_logits
 from metarun.continual.metrics import heatmap, summarize
-from metarun.continual.scenarios import Scenario, ScenarioError, draw
-from metarun.data.files import atomic_torch_save
+from metarun.continual.scenarios import Scenario, draw
 from metarun.metrics import RunLogger
+from metarun.recipes.resume import resume
+from metarun.run_control import (
+    RunFolder,
+    StopFlag,
+    check_finite,
+    machine,
+    versions,
+)
 
 log = logging.getLogger("metarun")
 
-METHODS = "naive, joint, er, ewc, oml, lamaml"
-SCENARIOS = "split_mnist, split_mnist_task_il, permuted_mnist, omniglot_continual, sinusoid_stream"
-
-
-def is_continual_method(algo_cfg: DictConfig) -> bool:
-    """Whether ``algo=`` names a continual learner (as opposed to a meta-learner)."""
-    target = get_class(algo_cfg._target_)
-    return isinstance(target, type) and issubclass(target, ContinualLearner)
-
-
-def wants_stream(cfg: DictConfig) -> bool:
-    """Whether this run is a task stream; a scenario with a meta-learning algorithm, or a
-    continual method without a scenario, is refused with the fix in the message."""
-    has_scenario = cfg.get("scenario") is not None
-    continual = is_continual_method(cfg.algo)
-    name = cfg.algo._target_.rsplit(".", 1)[-1]
-    if has_scenario and not continual:
-        raise ScenarioError(
-            f"a scenario (a task stream) was given with the meta-learning algorithm {name}, "
-            f"which cannot learn one. Use a continual method (algo=one of {METHODS}), or "
-            f"drop scenario= to meta-train {name}."
-        )
-    if continual and not has_scenario:
-        raise ScenarioError(
-            f"algo {name} is a continual-learning method and needs a task stream: add "
-            f"scenario=one of {SCENARIOS} (or experiment=split_mnist_class_il_er, ...), or "
-            f"pick a meta-learning algorithm (maml, fomaml, protonet)."
-        )
-    return has_scenario
+RECIPE = "continual"
+RESUME_KEYS = (
+    "algo.lr",
+    "algo.fast_lr",
+    "algo.meta_lr",
+    "hardware",
+    "log_every",
+    "checkpoint_every",
+    "data_dir",
+    "cache_dir",
+)
+"""What ``metarun resume=RUN key=value`` may change in a stream: the learning rates, the
+hardware and the data folders; the scenario, the model and the method stay."""
 
 
 @dataclass
@@ -86,72 +81,96 @@ def batch_indices(seed: int, task: int, step: int, n: int, batch_size: int) -> t
 
 @torch.no_grad()
 def score(
-    method: torch.nn.Module, scenario: Scenario, after: int, task: int, device: torch.device
+    method: torch.nn.Module, scenario: Scenario, after: int, task: int, hardware: Any
 ) -> float:
     """Accuracy on ``task``'s test examples with the outputs in play after training on tasks
     ``0..after``; 0 when no output is in play yet (class-incremental, before any task).
     For a regression stream, the mean squared error on them instead."""
     t = scenario.tasks[task]
+    method.eval()
     if scenario.task.outputs is not None:  # regression: the mean of the squared errors
-        method.eval()
         total = 0.0
         for idx in torch.arange(t.size("test")).split(1000):
             x, y = t.inputs("test", idx)
-            error = method(x.to(device)).cpu() - y
+            with hardware.autocast():
+                predictions = method(_to(x, hardware))
+            error = predictions.float().cpu() - y
             total += float(error.double().pow(2).mean(1).sum())
         return total / t.size("test")
     classes = scenario.eval_classes(after, task)
     if classes.numel() == 0:
         return 0.0
-    method.eval()
     correct = 0
     for idx in torch.arange(t.size("test")).split(1000):
         x, y = t.inputs("test", idx)
-        logits = masked_logits(method(x.to(device)), classes)
+        with hardware.autocast():
+            logits = masked_logits(method(_to(x, hardware)), classes)
         correct += int((logits.argmax(1).cpu() == y).sum())
     return correct / t.size("test")
 
 
-def run_stream(
+def _to(x: torch.Tensor, hardware: Any) -> torch.Tensor:
+    """Inputs on the run's device, in its memory format (NHWC with channels_last)."""
+    x = x.to(hardware.device, non_blocking=True)
+    return x.contiguous(memory_format=hardware.memory_format) if x.dim() == 4 else x
+
+
+def run(
     cfg: DictConfig,
     run_dir: Path | str,
     started_at: float | None = None,
-    resume_from: dict[str, Any] | None = None,
+    resume_keys: Sequence[str] = (),
 ) -> dict[str, float]:
     """Learns ``cfg.scenario``'s tasks in order with ``cfg.algo``; writes the matrix of the
     scenario's metric (accuracy, or MSE for regression) and its summaries to
     ``results.json``; returns them.
 
     Args:
-        cfg: the composed config, with ``scenario`` set.
-        run_dir: the run folder.
+        cfg: the composed config, with ``scenario`` set. With ``cfg.resume``, the stream in
+            that folder continues from its ``last.pt``, changed only by ``resume_keys``.
+        run_dir: the run folder of a new run.
         started_at: ``time.perf_counter()`` at process start.
-        resume_from: a loaded ``last.pt`` of this run folder, to continue from.
+        resume_keys: keys of ``cfg`` to take over when resuming (among :data:`RESUME_KEYS`).
 
     Returns:
         ``{"continual/acc", "continual/bwt", "continual/fwt", "continual/forgetting"}``
         (NaN where undefined) and ``val/acc`` = NaN (a stream has no validation split);
         ``continual/mse`` and ``val/mse`` instead of the ``acc`` keys for regression.
     """
-    from metarun.runner import RunInterrupted, _StopFlag
-
     started_at = started_at or time.perf_counter()
-    wants_stream(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    resuming = bool(cfg.get("resume"))
+    run_dir = Path(cfg.resume if resuming else run_dir).expanduser().resolve()
+    if int(os.environ.get("RANK", "0")) > 0:
+        raise ValueError("task streams run in one process: start them without torchrun")
+    with RunFolder(run_dir, resume=resuming) as folder:
+        saved, changes = None, {}
+        if resuming:
+            cfg, saved, changes = resume(cfg, run_dir, resume_keys, RESUME_KEYS)
+        check_continual(cfg)  # every option, before any data is loaded
+        return _stream(cfg, folder, saved, changes, started_at)
+
+
+def _stream(
+    cfg: DictConfig,
+    folder: RunFolder,
+    saved: dict | None,
+    changes: dict,
+    started_at: float,
+) -> dict[str, float]:
+    run_dir = folder.path
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     hardware = instantiate(cfg.hardware)
-    device = hardware.device
     torch.manual_seed(cfg.seed)
     scenario: Scenario = instantiate(cfg.scenario)
-    backbone = instantiate(cfg.model)(input_shape=scenario.input_shape)
+    backbone = hardware.compile_backbone(instantiate(cfg.model)(input_shape=scenario.input_shape))
     method: ContinualLearner = instantiate(cfg.algo)(
         backbone=backbone,
         n_classes=scenario.n_classes,
         input_shape=scenario.input_shape,
         seed=cfg.seed,
         task=scenario.task,
-    ).to(device)
+    )
+    method = hardware.prepare(method)
     m = scenario.task.metric  # what R holds: "acc", or "mse" for a regression stream
     T = len(scenario.tasks)
     sizes = [
@@ -160,39 +179,46 @@ def run_stream(
     plan = [scenario.epochs * math.ceil(n / scenario.batch_size) for n in sizes]
     total = method.meta_iterations + sum(plan)
 
-    state = StreamState()
-    if resume_from is not None:
-        method.load_state_dict(resume_from["method"])
-        state = StreamState(**resume_from["stream"])
-        torch.set_rng_state(resume_from["rng"]["torch"])
-    else:
+    state, resumes = StreamState(), []
+    if saved is not None:
+        method.load_state_dict(saved["method"])
+        method.reset_learning_rates()  # the configured ones: a resume may have changed them
+        state = StreamState(**saved["stream"])
+        checkpoint.restore_rng(saved["rng"])
+        resumes = list(saved.get("resumes", []))
+        if changes:
+            resumes.append({"iteration": state.iteration, "overrides": changes})
+    if saved is None or changes:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     def save() -> None:
-        atomic_torch_save(
-            {
-                "method": method.state_dict(),
-                "stream": asdict(state),
-                "iteration": state.iteration,
-                "rng": {"torch": torch.get_rng_state()},
-                "config": config,
-            },
+        check_finite(method, type(method).__name__, state.iteration, run_dir)
+        logger.flush()  # every metric line up to this checkpoint is on disk before it
+        checkpoint.save(
             run_dir / "checkpoints" / LAST,
+            recipe=RECIPE,
+            iteration=state.iteration,
+            config=config,
+            input_shape=scenario.input_shape,
+            task=scenario.task.name,
+            method=method.state_dict(),
+            stream=asdict(state),
+            resumes=resumes,
         )
 
-    logger = RunLogger(run_dir, total, state.iteration, cfg.log_every)
-    log.info(
-        "%s on %s: %d tasks (%s-incremental), %d updates, %s, run folder %s",
-        type(method).__name__,
-        scenario.info.get("benchmark", type(scenario).__name__),
-        T,
-        scenario.incremental,
-        total,
-        hardware.describe(),
-        run_dir,
-    )
+    logger = RunLogger(run_dir, total, state.iteration, cfg.log_every, cfg.get("logger"))
     try:
-        with logger.console(), _StopFlag() as stop:
+        log.info(
+            "%s on %s: %d tasks (%s-incremental), %d updates, %s, run folder %s",
+            type(method).__name__,
+            scenario.info.get("benchmark", type(scenario).__name__),
+            T,
+            scenario.incremental,
+            total,
+            hardware.describe(),
+            run_dir,
+        )
+        with logger.console(), StopFlag() as stop:
             startup_s = time.perf_counter() - started_at
             # 1. Meta-training before the stream (OML); nothing for the other methods.
             if state.meta_iteration < method.meta_iterations:
@@ -207,23 +233,27 @@ def run_stream(
                     return stop.requested
 
                 tic = time.perf_counter()
-                method.pretrain(scenario.meta_train, state.meta_iteration, after_meta_step)
+                with hardware.autocast():
+                    method.pretrain(scenario.meta_train, state.meta_iteration, after_meta_step)
                 state.train_seconds += time.perf_counter() - tic
                 if stop.requested:
-                    raise RunInterrupted(run_dir, state.iteration)
+                    raise stop.interrupted(run_dir, state.iteration)
                 save()
             if state.initial is None:  # b[j]: before any update on the stream
-                state.initial = [score(method, scenario, j - 1, j, device) for j in range(T)]
+                state.initial = [score(method, scenario, j - 1, j, hardware) for j in range(T)]
             # 2. The stream: tasks in order, each scored on every task afterwards.
             while state.task < T:
                 i = state.task
                 learn_from = [scenario.tasks[k] for k in method.training_tasks(i)]
-                classes = scenario.train_classes(i).to(device)
+                classes = scenario.train_classes(i).to(hardware.device)
                 while state.step < plan[i] and not stop.requested:
                     tic = time.perf_counter()
                     idx = batch_indices(cfg.seed, i, state.step, sizes[i], scenario.batch_size)
                     x, y = draw(learn_from, "train", idx)
-                    loss, metric = method.observe(x.to(device), y.to(device), classes)
+                    with hardware.autocast():
+                        loss, metric = method.observe(
+                            _to(x, hardware), y.to(hardware.device), classes
+                        )
                     state.step += 1
                     state.iteration += 1
                     state.train_seconds += time.perf_counter() - tic
@@ -232,9 +262,11 @@ def run_stream(
                     if state.step % cfg.checkpoint_every == 0 or stop.requested:
                         save()
                 if stop.requested:
-                    raise RunInterrupted(run_dir, state.iteration)
-                method.end_task(_task_sampler(scenario, i, cfg.seed), classes)
-                row = [score(method, scenario, i, j, device) for j in range(T)]
+                    raise stop.interrupted(run_dir, state.iteration)
+                with hardware.autocast():
+                    method.end_task(_task_sampler(scenario, i, cfg.seed, hardware), classes)
+                check_finite(method, type(method).__name__, state.iteration, run_dir)
+                row = [score(method, scenario, i, j, hardware) for j in range(T)]
                 state.matrix.append(row)
                 state.task, state.step = i + 1, 0
                 _log_row(logger, state, row, i, m)
@@ -259,29 +291,25 @@ def run_stream(
             "matrix": R,
             "initial": b,
             "stream": scenario.describe(),
-            "protocol": _protocol(cfg, scenario, method),
+            "protocol": protocol(cfg, scenario, method),
             "training": {
                 "updates": state.iteration,
                 "meta_iterations": state.meta_iteration,
                 "seconds": round(state.train_seconds, 1),
-                "startup_seconds": None if resume_from else round(startup_s, 2),
-                "hardware": hardware.describe(),
-                "cpu": platform.processor() or platform.machine(),
+                "startup_seconds": None if saved else round(startup_s, 2),
+                **machine(hardware),
             },
-            "versions": {
-                "metarun": metarun.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            **({"resumes": resumes} if resumes else {}),
+            "versions": versions(),
             "config": config,
         }
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        folder.write_json("results.json", results)
         return {f"val/{m}": float("nan"), **summary}
     finally:
         logger.close()
 
 
-def _task_sampler(scenario: Scenario, task: int, seed: int):
+def _task_sampler(scenario: Scenario, task: int, seed: int, hardware: Any):
     """``sample(n)``: ``n`` training examples of ``task`` (all of them if it has fewer),
     a draw seeded by ``(seed, task)``, for methods that summarise a task (EWC)."""
 
@@ -289,7 +317,8 @@ def _task_sampler(scenario: Scenario, task: int, seed: int):
         t = scenario.tasks[task]
         g = torch.Generator().manual_seed(seed * 7919 + task)
         idx = torch.randperm(t.size("train"), generator=g)[:n]
-        return t.inputs("train", idx)
+        x, y = t.inputs("train", idx)
+        return _to(x, hardware), y
 
     return sample
 
@@ -325,7 +354,7 @@ def _format(R: list[list[float]], m: str = "acc") -> str:
     return "\n".join(" ".join(f"{v:7.3f}" for v in row) for row in R)
 
 
-def _protocol(cfg: DictConfig, scenario: Scenario, method: ContinualLearner) -> dict[str, Any]:
+def protocol(cfg: DictConfig, scenario: Scenario, method: ContinualLearner) -> dict[str, Any]:
     algo_cfg = OmegaConf.to_container(cfg.algo, resolve=True, enum_to_str=True)
     return {
         "scenario": scenario.info.get("benchmark"),

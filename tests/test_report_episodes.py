@@ -1,16 +1,17 @@
-"""scripts/episode_scores.py: one run's per-episode scores, and the paired comparison of two
-runs tested on the same episodes (which it refuses for runs tested on different ones)."""
+"""``metarun report --episodes``: one run's per-episode scores, and the paired comparison of
+two runs tested on the same episodes (which it refuses for runs tested on different ones)."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "episode_scores.py"
+METARUN = shutil.which("metarun", path=str(Path(sys.executable).parent)) or "metarun"
 PROTOCOL = {
     "dataset": "Omniglot",
     "split": "vinyals",
@@ -22,7 +23,7 @@ PROTOCOL = {
 
 
 def fake_run(folder: Path, scores: list[float], metric: str = "acc", **protocol) -> Path:
-    """A run folder with the two files the script reads, as the runner writes them."""
+    """A run folder with the two files the command reads, as the runner writes them."""
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps({"protocol": PROTOCOL | protocol}))
     body = {"metric": metric, "episode_seed": 0, "episodes": scores, "after_steps": {"5": scores}}
@@ -31,7 +32,7 @@ def fake_run(folder: Path, scores: list[float], metric: str = "acc", **protocol)
 
 
 def script(*args: Path | str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(SCRIPT), *map(str, args)]
+    command = [METARUN, "report", "--episodes", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 

@@ -1,9 +1,9 @@
-"""The one place metarun touches learn2learn (Arnold et al. 2020, "learn2learn: A Library
-for Meta-Learning Research").
+"""learn2learn's vision datasets (Arnold et al. 2020, "learn2learn: A Library for
+Meta-Learning Research") as metarun datasets. With :mod:`metarun.algorithms.l2l_engine`
+(``algo.engine=l2l``) this is one of the two modules that import learn2learn.
 
 learn2learn is optional (``pip install "metarun[l2l]"``; on Python >= 3.11 use
-``bash scripts/install_learn2learn.sh``) and imported only when a dataset here is built
-or ``algo.engine=l2l`` runs learn2learn's MAML / Meta-SGD (:func:`l2l_meta_loss`).
+``bash scripts/install_learn2learn.sh``) and imported only when a dataset here is built.
 Its vision dataset classes read (and, when online, download) tieredImageNet, CIFAR-FS,
 FC100, CUB-200-2011, FGVC Aircraft, FGVC Fungi, VGG Flowers 102 and the Describable
 Textures; :class:`Learn2LearnDataset` turns each split into metarun's
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from metarun.data import imagepool
-from metarun.data.episodes import ClassPool, Episode
+from metarun.data.episodes import ClassPool
 from metarun.data.files import DataError, cache_root, data_root
 
 log = logging.getLogger(__name__)
@@ -373,32 +373,3 @@ def download_miniimagenet_pickles(folder: Path) -> None:
                 f"{err}. Expected {folder}/mini-imagenet-cache-{mode}.pkl, or the raw format "
                 f"(train.csv, val.csv, test.csv and images/)."
             ) from err
-
-
-def l2l_meta_loss(algo: torch.nn.Module, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-    """One task's query loss and metric computed by learn2learn's own MAML or Meta-SGD
-    (``algo.engine=l2l``): ``clone()``, ``adapt()`` for each inner step, then the query.
-
-    The wrapper is built around ``algo``'s live network (and, for Meta-SGD, its learned
-    learning rates), so the meta-gradient lands on ``algo``'s parameters and the runner's
-    optimizer, checkpoints and evaluation are unchanged. This is the parity check of the
-    native engines (``tests/test_learn2learn_engine.py``) and an option for users who
-    want learn2learn's implementation inside metarun's runner.
-
-    Args:
-        algo: a :class:`~metarun.algorithms.MAML` or :class:`~metarun.algorithms.MetaSGD`.
-        episode: one task: support ``(n_support, C, H, W)`` and query ``(n_query, C, H, W)``.
-    """
-    from metarun.algorithms.metasgd import MetaSGD
-
-    l2l = import_learn2learn()
-    if isinstance(algo, MetaSGD):
-        wrapper = l2l.algorithms.MetaSGD(algo.model, first_order=algo.first_order, lrs=algo.lrs)
-    else:
-        wrapper = l2l.algorithms.MAML(algo.model, lr=algo.fast_lr, first_order=algo.first_order)
-    learner = wrapper.clone()
-    for _ in range(algo.adaptation_steps):
-        learner.adapt(algo.task.loss(learner(episode.support_x), episode.support_y))
-    predictions = learner(episode.query_x)
-    loss = algo.task.loss(predictions, episode.query_y)
-    return loss, algo.task.score(predictions, episode.query_y)
