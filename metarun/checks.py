@@ -168,8 +168,10 @@ def check_meta_learning(cfg: DictConfig) -> None:
     caps = getattr(algo_cls, "capabilities", None)
     name = algo_cls.__name__
     task = task_of_dataset(cfg.dataset)
+    _check_iterations(cfg.train, name, caps)
     if caps is not None:
         _check_capabilities(cfg, name, caps, task)
+    _check_episode_kinds(cfg)
     _check_hardware(cfg.hardware, name, _second_order_through_backbone(cfg.algo, caps))
     for key in ("encoder_checkpoint",):
         path = _opt(cfg.algo, key)
@@ -178,6 +180,8 @@ def check_meta_learning(cfg: DictConfig) -> None:
                 f"algo.{key}={path}: no such file. Give the best.pt (or last.pt) of a run "
                 f"whose backbone this one should use, or null to train the backbone here."
             )
+    if "members" in cfg.algo.keys():  # algo=ensemble: its trained runs exist and match its data
+        _check_members(cfg.algo)
 
 
 def _check_capabilities(cfg: DictConfig, name: str, caps: Any, task: TaskKind) -> None:
@@ -237,6 +241,70 @@ def _check_capabilities(cfg: DictConfig, name: str, caps: Any, task: TaskKind) -
             f"model.flatten=false keeps feature maps, which only algo=relation takes; {name} "
             f"needs flat features: set model.flatten=true."
         )
+
+
+def _check_iterations(t: DictConfig, name: str, caps: Any) -> None:
+    """``train.iterations >= 1`` for an algorithm that is trained, ``0`` for one that is not
+    (``Capabilities.trainable``: ``algo=ensemble``)."""
+    if caps is None or caps.trainable:
+        if t.iterations < 1:
+            raise ConfigError(
+                f"train.iterations={t.iterations} is out of range for {name}: it must be "
+                f">= 1. Only an algorithm with nothing to train (algo=ensemble) runs with "
+                f"train.iterations=0."
+            )
+    elif t.iterations != 0:
+        raise ConfigError(
+            f"train.iterations={t.iterations}: {name} has nothing to train (it is built from "
+            f"trained runs), so it runs with train.iterations=0 only (validated once, then "
+            f"tested). Set train.iterations=0."
+        )
+
+
+def _check_episode_kinds(cfg: DictConfig) -> None:
+    """``train.episodes``, ``eval.episodes`` and ``train.augment`` against what the dataset
+    declares on its class (``episode_kinds``, ``augmentations``; ``standard`` and ``none``
+    for a dataset that declares none)."""
+    dataset_cls = target_class(cfg.dataset)
+    name = dataset_cls.__name__
+    kinds = getattr(dataset_cls, "episode_kinds", ("standard",))
+    augments = getattr(dataset_cls, "augmentations", ("none",))
+    for key, offered in (
+        ("train.episodes", kinds),
+        ("eval.episodes", kinds),
+        ("train.augment", augments),
+    ):
+        value = OmegaConf.select(cfg, key, default=None)
+        value = str(getattr(value, "value", value))
+        if value != "None" and value not in offered:
+            raise ConfigError(
+                f"{key}={value} is not offered by {name} (it offers {', '.join(offered)}): "
+                f"{NEEDS.get(value, 'it is not declared')}. Set {key}={offered[0]}, or use "
+                f"dataset=omniglot."
+            )
+
+
+NEEDS = {  # why a dataset may not offer an episode kind or augmentation
+    "within_alphabet": "within-alphabet episodes need the alphabet of each class and the "
+    "drawer of each image, which Omniglot records",
+    "affine": "the affine distortions are made for Omniglot's strokes on a blank background",
+}
+
+
+def _check_members(a: DictConfig) -> None:
+    """The trained runs of ``algo=ensemble``: at least two, each with a checkpoint whose
+    config is metarun's own, trained on the ensemble's split and image size."""
+    from metarun.algorithms.ensemble import read_members
+
+    if OmegaConf.is_missing(a, "members"):
+        raise ConfigError(
+            "algo.members is not set: list the trained runs to ensemble, e.g. "
+            "'algo.members=[RUN1,RUN2]' (run folders or checkpoint files)."
+        )
+    try:
+        read_members(list(a.members), a.split, a.image_size)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"algo.members: {err}") from None
 
 
 def _second_order_through_backbone(algo: DictConfig, caps: Any) -> bool:

@@ -20,7 +20,9 @@ from omegaconf import MISSING
 from metarun.continual.schemas import ALGO_SCHEMAS, SCENARIO_SCHEMAS
 from metarun.options import (
     AmpMode,
+    Augment,
     BatchNormMode,
+    EpisodeKind,
     LrSchedule,
     MetaOptimizer,
     at_least,
@@ -37,7 +39,7 @@ class TrainConfig:
     shots: int = at_least(1)
     query_shots: int = at_least(1)
     meta_batch_size: int = at_least(1)
-    iterations: int = at_least(1)
+    iterations: int = at_least(0)  # >= 1, or 0 for an algorithm that is not trained (checks.py)
     meta_lr: float = positive()
     optimizer: MetaOptimizer = MetaOptimizer.adam  # the meta-optimiser: adam | sgd
     lr_schedule: LrSchedule = MISSING  # step | cosine | linear
@@ -46,6 +48,8 @@ class TrainConfig:
     min_lr: float = at_least(0.0)  # cosine, linear: the learning rate at the last iteration
     max_minutes: float | None = positive(None)  # end training after this many minutes of steps
     grad_clip: float | None = positive(None)  # clip the meta-gradient's norm to this; null = never
+    episodes: EpisodeKind = MISSING  # standard | within_alphabet
+    augment: Augment = MISSING  # none | affine (training images only)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class EvalConfig:
     test_episodes: int = at_least(1)
     episode_seed: int = at_least(0)  # fixes the validation and test episodes for every run
     report_steps: list[int] = at_least(0)  # also test after these adaptation steps
+    episodes: EpisodeKind = MISSING  # standard | within_alphabet (validation and test)
 
 
 @dataclass
@@ -165,6 +170,15 @@ class ProtoNetConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    _target_: str = "metarun.algorithms.Ensemble"
+    _partial_: bool = True
+    members: list[str] = MISSING  # trained runs (folders or .pt files), at least two
+    split: str | None = MISSING  # the dataset split every member was trained on
+    image_size: int | None = MISSING  # the image side every member was trained at
+
+
+@dataclass
 class MatchingConfig:
     _target_: str = "metarun.algorithms.MatchingNetworks"
     _partial_: bool = True
@@ -248,10 +262,11 @@ class OmniglotConfig:
     _target_: str = "metarun.data.omniglot.Omniglot"
     root: str | None = MISSING
     cache_dir: str | None = MISSING
-    split: str = choice("vinyals", "lake")
+    split: str = choice("vinyals", "lake", "lake_proxy")
     image_size: int = at_least(4)
     download: bool = MISSING
     mirror: str | None = None
+    train_rotations: bool = MISSING  # lake splits: rotated training characters as classes
 
 
 @dataclass
@@ -421,6 +436,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "schema/algo": {
         "maml": MAMLConfig,
         "protonet": ProtoNetConfig,
+        "ensemble": EnsembleConfig,
         "matching": MatchingConfig,
         "relation": RelationConfig,
         "siamese": SiameseConfig,

@@ -12,6 +12,7 @@ import torch
 from metarun.algorithms.base import MetaLearner
 from metarun.data.episodes import ClassPool, Episode, EpisodeSampler
 from metarun.hardware import Hardware
+from metarun.options import EpisodeKind
 from metarun.tasks import accuracy
 
 
@@ -40,22 +41,53 @@ class EvalResult:
         return f"{self.metric} {self.mean:.4f} ± {self.ci95:.4f} ({self.episodes} episodes{note})"
 
 
+EPISODE_KINDS = tuple(kind.value for kind in EpisodeKind)  # standard, within_alphabet
+
+
 def episode_sampler(
-    pool: ClassPool, ways: int, shots: int, query_shots: int, seed: int
+    pool: ClassPool,
+    ways: int,
+    shots: int,
+    query_shots: int,
+    seed: int,
+    episodes: str = "standard",
+    augment: str = "none",
 ) -> EpisodeSampler:
     """The seeded sampler of a split: an :class:`EpisodeSampler` over a class pool, or the
-    split's own sampler for a task family that is not made of classes (sinusoids)."""
+    split's own sampler for a task family that is not made of classes (sinusoids).
+    ``episodes="within_alphabet"`` draws every episode's classes from one alphabet, support
+    and query by different drawers (:mod:`metarun.data.within_alphabet`);
+    ``augment="affine"`` distorts every image (:mod:`metarun.data.augment`, training only)."""
+    episodes = str(getattr(episodes, "value", episodes))
+    if episodes not in EPISODE_KINDS:
+        raise ValueError(f"unknown episodes: {episodes!r}; choose one of {EPISODE_KINDS}")
     if hasattr(pool, "sampler"):
-        return pool.sampler(ways, shots, query_shots, seed)
-    return EpisodeSampler(pool, ways, shots, query_shots, seed=seed)
+        if episodes != "standard":
+            raise ValueError(f"episodes: {episodes} needs a dataset of classes, not {pool}")
+        sampler = pool.sampler(ways, shots, query_shots, seed)
+    elif episodes == "within_alphabet":
+        from metarun.data.within_alphabet import WithinAlphabetSampler
+
+        sampler = WithinAlphabetSampler(pool, ways, shots, query_shots, seed)
+    else:
+        sampler = EpisodeSampler(pool, ways, shots, query_shots, seed=seed)
+    augment = str(getattr(augment, "value", augment))
+    if augment == "affine":
+        from metarun.data.augment import AffineAugmented
+
+        return AffineAugmented(sampler, seed=seed + 1)  # type: ignore[return-value]
+    if augment != "none":
+        raise ValueError(f"unknown augment: {augment!r}; choose none or affine")
+    return sampler
 
 
 def fixed_episodes(
-    pool: ClassPool, ways: int, shots: int, query_shots: int, seed: int
+    pool: ClassPool, ways: int, shots: int, query_shots: int, seed: int, episodes: str = "standard"
 ) -> EpisodeSampler:
-    """A sampler whose episodes depend only on the pool, the episode shape and ``seed``, so
-    every run and every algorithm is evaluated on the same episodes."""
-    return episode_sampler(pool, ways, shots, query_shots, seed)
+    """A sampler whose episodes depend only on the pool, the episode shape, the kind of
+    episodes (``standard`` or ``within_alphabet``) and ``seed``, so every run and every
+    algorithm is evaluated on the same episodes."""
+    return episode_sampler(pool, ways, shots, query_shots, seed, episodes)
 
 
 class EvaluationStopped(Exception):

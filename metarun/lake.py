@@ -19,8 +19,8 @@ A model is evaluated through its algorithm's own ``adapt`` path
 (:func:`metarun.evaluation.evaluate`), one 20-way 1-shot episode of 20 queries per run,
 with images prepared as the runner's Omniglot loader prepares them
 (:func:`metarun.data.omniglot.decode_image`). The protocol asks for a model trained on the
-background set only, so a run trained with any Omniglot split other than ``lake`` is
-refused unless ``--force`` is given.
+background set only, so a run trained with any Omniglot split other than ``lake`` or
+``lake_proxy`` (the same training characters) is refused unless ``--force`` is given.
 
 Usage::
 
@@ -44,6 +44,8 @@ OFFICIAL_URL = (
     "https://github.com/brendenlake/omniglot/raw/master/python/one-shot-classification/all_runs.zip"
 )
 RUNS = 20
+# Omniglot splits that train on the background set only (the same characters for both).
+BACKGROUND_ONLY_SPLITS = ("lake", "lake_proxy")
 WAYS = 20  # training images (classes) per run, and queries per run
 REFERENCES = {  # error rates (%) reported by Lake et al. (2015) on these 20 runs
     "humans": 4.5,
@@ -257,7 +259,7 @@ def check_protocol(config: dict, force: bool) -> str:
             f"dataset.split=lake."
         )
     split = dataset.get("split")
-    if split != "lake" and not force:
+    if split not in BACKGROUND_ONLY_SPLITS and not force:
         from metarun.data.omniglot import _packaged_split
 
         seen = (
@@ -311,7 +313,7 @@ def evaluate_lake(
         "checkpoint": str(ckpt_path),
         "algorithm": type(algo).__name__,
         "trained_split": split,
-        "forced": split != "lake",
+        "forced": split not in BACKGROUND_ONLY_SPLITS,
         "source": str(source),
         "protocol": (
             f"Lake et al. (2015): {RUNS} within-alphabet {WAYS}-way 1-shot runs, one episode "

@@ -43,6 +43,16 @@ class MetaOptimizer(str, Enum):
     sgd = "sgd"  # plain SGD: with algo=reptile, exactly the paper's interpolation
 
 
+class EpisodeKind(str, Enum):
+    standard = "standard"  # classes drawn from the whole split, images at random
+    within_alphabet = "within_alphabet"  # one alphabet per episode, drawers apart (Lake's)
+
+
+class Augment(str, Enum):
+    none = "none"
+    affine = "affine"  # random affine distortions (Koch et al. 2015), metarun.data.augment
+
+
 class AmpMode(str, Enum):
     off = "off"
     bf16 = "bf16"

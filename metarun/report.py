@@ -44,6 +44,15 @@ from metarun.stats import mean_t_ci95
 SAME_EPISODES = ("dataset", "split", "image_size", "test_classes", "eval_episode", "episode_seed")
 
 
+def with_episode_kind(protocol: dict[str, Any]) -> dict[str, Any]:
+    """``protocol`` with the kind of its test episodes (``eval_episode.episodes``), which
+    results written before ``eval.episodes`` existed lack: theirs were ``standard``."""
+    e = protocol.get("eval_episode")
+    if isinstance(e, dict) and "episodes" not in e:
+        return protocol | {"eval_episode": e | {"episodes": "standard"}}
+    return protocol
+
+
 class ReportError(Exception):
     """The runs cannot be reported as asked; the message says why and what to do."""
 
@@ -96,7 +105,7 @@ class Run:
 
     @property
     def protocol(self) -> dict[str, Any]:
-        return self.results.get("protocol", {})
+        return with_episode_kind(self.results.get("protocol", {}))
 
     @property
     def metric(self) -> str:
@@ -164,6 +173,8 @@ class Run:
         else:
             shape = f"K={e.get('shots')}, {e.get('query_shots')} query"
         parts = [shape, f"{episodes} episodes (seed {p.get('episode_seed')})"]
+        if e.get("episodes", "standard") != "standard":  # eval.episodes=within_alphabet
+            parts.insert(1, str(e["episodes"]).replace("_", "-"))
         steps = p.get("algo", {}).get("test_adaptation_steps")
         if steps is not None:
             parts.append(f"{steps} steps")
@@ -736,7 +747,7 @@ def load_scores(run_dir: Path, steps: int | None) -> tuple[list[float], str, dic
             "into a new run folder, with the file."
         )
     scores = json.loads(path.read_text())
-    protocol = json.loads((run_dir / "results.json").read_text())["protocol"]
+    protocol = with_episode_kind(json.loads((run_dir / "results.json").read_text())["protocol"])
     if steps is None:
         return scores["episodes"], scores["metric"], protocol
     after = scores.get("after_steps", {})

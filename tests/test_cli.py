@@ -53,7 +53,12 @@ def test_end_to_end_run_writes_metrics_events_checkpoints_and_results(tiny, tmp_
     assert 0 <= results["test"]["acc"] <= 1 and results["test"]["episodes"] == 6
     assert results["test"]["ci95"] > 0
     assert results["protocol"]["bn_mode"] == "transductive"
-    assert results["protocol"]["eval_episode"] == {"ways": 5, "shots": 1, "query_shots": 2}
+    assert results["protocol"]["eval_episode"] == {
+        "ways": 5,
+        "shots": 1,
+        "query_shots": 2,
+        "episodes": "standard",
+    }
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 4 and ckpt["config"]["train"]["iterations"] == 4
     assert {"algo", "optimizer", "rng", "train", "input_shape", "task"} <= set(ckpt)

@@ -437,7 +437,12 @@ def test_protonet_learns_on_the_omniglot_tree(omniglot_tree, tmp_path):
     assert protocol["split_from"]["test"].endswith(
         f"listed in {omniglot_tree / 'lists' / 'test.txt'})"
     )
-    assert protocol["eval_episode"] == {"ways": 5, "shots": 1, "query_shots": 15}
+    assert protocol["eval_episode"] == {
+        "ways": 5,
+        "shots": 1,
+        "query_shots": 15,
+        "episodes": "standard",
+    }
     assert results["test"]["episodes"] == 200
     assert results["test"]["acc"] > 0.42, results["test"]
     written = (run_dir / "split" / "test.txt").read_text().splitlines()[1:]

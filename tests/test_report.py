@@ -142,6 +142,32 @@ def test_runs_tested_differently_are_not_averaged(tmp_path):
     assert "tested differently (episode_seed: 0 against 1)" in done.stderr
 
 
+def test_results_written_before_eval_episodes_are_standard_episodes(tmp_path):
+    episode = RESULTS["protocol"]["eval_episode"]
+    fake_run(tmp_path / "old", 0, 0.9, 0.02, 0.9)  # no "episodes" in eval_episode
+    fake_run(
+        tmp_path / "new",
+        1,
+        0.8,
+        0.02,
+        0.8,
+        **{"protocol.eval_episode": episode | {"episodes": "standard"}},
+    )
+    assert len(group_runs(find_runs([tmp_path])[0])) == 1  # one group: the same episodes
+    fake_run(
+        tmp_path / "lake",
+        2,
+        0.7,
+        0.02,
+        0.7,
+        **{"protocol.eval_episode": episode | {"episodes": "within_alphabet"}},
+    )
+    with pytest.raises(ReportError, match="tested differently"):
+        group_runs(find_runs([tmp_path])[0])
+    lake = next(r for r in find_runs([tmp_path])[0] if r.path.name == "lake")
+    assert lake.protocol_text().startswith("5-way 1-shot, 15 query, within-alphabet, 600 ")
+
+
 def test_task_stream_runs_have_their_own_table(tmp_path):
     for seed, (acc, bwt) in enumerate([(0.80, -0.20), (0.84, -0.10)]):
         folder = tmp_path / f"s{seed}"

@@ -337,7 +337,12 @@ def test_pigcvp_end_to_end_with_conv1d(algo, pigcvp, tmp_path):
     protocol = results["protocol"]
     assert protocol["dataset"] == "TensorFile" and protocol["model"] == "Conv1D"
     assert protocol["test_classes"] == 8
-    assert protocol["eval_episode"] == {"ways": 5, "shots": 1, "query_shots": 5}
+    assert protocol["eval_episode"] == {
+        "ways": 5,
+        "shots": 1,
+        "query_shots": 5,
+        "episodes": "standard",
+    }
     assert "fractions [0.7, 0.15, 0.15], split_seed 0" in protocol["split_from"]["test"]
     assert 0 <= results["test"]["acc"] <= 1 and results["test"]["episodes"] == 10
     written = (run_dir / "split" / "test.txt").read_text().splitlines()

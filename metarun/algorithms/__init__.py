@@ -6,6 +6,7 @@ Every algorithm is an ``nn.Module`` that follows :class:`MetaLearner`: the runne
 
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.base import BatchNormMode, MetaLearner
+from metarun.algorithms.ensemble import Ensemble
 from metarun.algorithms.learned_opt import LearnedOptimizer
 from metarun.algorithms.leo import LEO
 from metarun.algorithms.lstm_meta import LSTMMetaLearner
@@ -23,6 +24,7 @@ from metarun.algorithms.snail import SNAIL
 __all__ = [
     "ANIL",
     "BatchNormMode",
+    "Ensemble",
     "LearnedOptimizer",
     "LSTMMetaLearner",
     "MetaLearner",

@@ -38,6 +38,9 @@ class Capabilities:
         episode_metrics: it reports per-episode metrics (:meth:`MetaLearner.episode_metrics`).
         inner_loop_through_backbone: its inner loop differentiates through the backbone, so
             with ``algo.first_order=false`` the backbone needs a double backward.
+        trainable: it is meta-trained, so ``train.iterations >= 1``; ``False`` for one that
+            has nothing to train (``algo=ensemble`` of trained runs), which runs with
+            ``train.iterations=0`` only: validated once and tested.
     """
 
     task_kinds: tuple[str, ...] = ("classification",)
@@ -50,6 +53,7 @@ class Capabilities:
     feature_maps: bool = False
     episode_metrics: bool = False
     inner_loop_through_backbone: bool = False
+    trainable: bool = True
 
 
 BOTH_KINDS = ("classification", "regression")

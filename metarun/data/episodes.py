@@ -93,6 +93,10 @@ class ClassPool:
             built-in datasets with uneven classes), ``drop`` leaves it out and names it in
             a warning, ``error`` refuses with an :class:`EpisodeError` that names it (the
             user's own data, ``dataset.drop_small_classes``).
+        groups: optional, the group of each class (Omniglot: its alphabet), for episodes
+            drawn within one group (:mod:`metarun.data.within_alphabet`).
+        drawers: optional ``(n_classes, max_per_class)`` int, who made each item of
+            ``class_items`` (Omniglot: its drawer within the alphabet; ``-1`` on padding).
     """
 
     images: torch.Tensor
@@ -100,6 +104,8 @@ class ClassPool:
     class_names: list[str]
     origin: str = ""
     small_classes: str = "skip"
+    groups: list[str] | None = None
+    drawers: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.class_items.shape[0] != len(self.class_names):
@@ -108,15 +114,27 @@ class ClassPool:
             raise ValueError(
                 f"small_classes must be skip, drop or error, not {self.small_classes!r}"
             )
+        if self.groups is not None and len(self.groups) != len(self.class_names):
+            raise ValueError("groups and class_names disagree on the number of classes")
+        if self.drawers is not None and self.drawers.shape != self.class_items.shape:
+            raise ValueError("drawers must have the shape of class_items")
         self.counts = (self.class_items >= 0).sum(dim=1)
         self._reported: set[int] = set()  # episode sizes whose dropped classes were logged
 
     @classmethod
-    def from_grouped(cls, images: torch.Tensor, class_names: list[str]) -> ClassPool:
-        """Builds a pool from ``(n_classes, per_class, C, H, W)`` images."""
+    def from_grouped(
+        cls,
+        images: torch.Tensor,
+        class_names: list[str],
+        groups: list[str] | None = None,
+        drawers: torch.Tensor | None = None,
+    ) -> ClassPool:
+        """Builds a pool from ``(n_classes, per_class, C, H, W)`` images (and optionally
+        each class's group and ``(n_classes, per_class)`` drawers)."""
         n_classes, per_class = images.shape[:2]
         items = torch.arange(n_classes * per_class).view(n_classes, per_class)
-        return cls(images.reshape(n_classes * per_class, *images.shape[2:]), items, class_names)
+        flat = images.reshape(n_classes * per_class, *images.shape[2:])
+        return cls(flat, items, class_names, groups=groups, drawers=drawers)
 
     @property
     def n_classes(self) -> int:

@@ -140,7 +140,9 @@ def _train_and_test(
     torch.manual_seed(cfg.seed)
     dataset, pools, task, algo = build(cfg, hardware)
     t, e = cfg.train, cfg.eval
-    train_sampler = episode_sampler(pools["train"], t.ways, t.shots, t.query_shots, seed=cfg.seed)
+    train_sampler = episode_sampler(
+        pools["train"], t.ways, t.shots, t.query_shots, cfg.seed, *_train_kind(t)
+    )
     optimizer = meta_optimizer(algo, t)
     scheduler = lr_scheduler(optimizer, t)
     state, resumes = TrainState(), []
@@ -175,7 +177,9 @@ def _train_and_test(
         )
 
     def validate() -> EvalResult:
-        sampler = fixed_episodes(pools["val"], e.ways, e.shots, e.query_shots, e.episode_seed)
+        sampler = fixed_episodes(
+            pools["val"], e.ways, e.shots, e.query_shots, e.episode_seed, _eval_kind(e)
+        )
         with logger.evaluation("val", e.val_episodes) as step:
             return evaluate(
                 algo, sampler, e.val_episodes, hardware, task.score, task.metric, on_episode=step
@@ -273,7 +277,7 @@ def build(cfg: DictConfig, hardware: Any) -> tuple[Any, dict, TaskKind, torch.nn
     task = task_of_dataset(cfg.dataset)
     e = cfg.eval
     for split in ("val", "test"):
-        fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed)
+        fixed_episodes(pools[split], e.ways, e.shots, e.query_shots, e.episode_seed, _eval_kind(e))
     algo = trained.build_learner(cfg, hardware, dataset.image_shape, task)
     return dataset, pools, task, algo
 
@@ -346,7 +350,18 @@ def train(
     has been spent in training steps; ``state.budget_reached`` records it. With
     ``t.grad_clip``, the meta-gradient's norm is clipped to it before each update (and
     logged). A non-finite loss stops before the update; non-finite weights or statistics
-    stop before they are saved."""
+    stop before they are saved. With ``t.iterations=0`` (an algorithm that is not trained,
+    ``algo=ensemble``) it validates once (if ``val_every``) and saves ``last.pt``."""
+    if t.iterations == 0:  # an algorithm that is not trained (algo=ensemble)
+        if parallel.is_main:
+            if val_every:  # validated once, so runs without training compare on validation
+                val = validate()
+                logger.log(0, {f"val/{task.metric}": val.mean, "val/ci95": val.ci95})
+                log.info("validation %s", val)
+                state.best_val_acc = val.mean if task.higher_is_better else -val.mean
+                state.best_iteration = 0
+            save(LAST)  # the checkpoint that test= and metarun-lake read
+        return
     max_seconds = t.max_minutes * 60 if t.max_minutes else None
     algo.train()
     while state.iteration < t.iterations and not state.budget_reached:
@@ -449,7 +464,8 @@ def test_and_report(
     m = task.metric  # "acc", or "mse" for regression
 
     def episodes() -> EpisodeSampler:  # the same episodes, in the same order, every time
-        return fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
+        kind = _eval_kind(e)
+        return fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed, kind)
 
     def run_test(steps: int | None = None) -> EvalResult:
         name = "test" if steps is None else f"test ({steps} steps)"
@@ -529,7 +545,7 @@ def retest(cfg: DictConfig, overrides: list[str], run_dir: Path | str) -> dict[s
         dataset = instantiate(test_cfg.dataset)
         pools = {split: dataset.pool(split) for split in ("train", "val", "test")}
         e = test_cfg.eval
-        fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed)
+        fixed_episodes(pools["test"], e.ways, e.shots, e.query_shots, e.episode_seed, _eval_kind(e))
         algo = trained.restore(saved, hardware, test_cfg)
         if saved.iteration < test_cfg.train.iterations and not test_cfg.train.get("max_minutes"):
             log.warning(
@@ -622,11 +638,31 @@ def protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, A
         **({"split_from": origins} if origins else {}),
         "image_size": cfg.dataset.get("image_size"),
         "test_classes": pools["test"].n_classes,  # None for regression
-        "train_episode": {k: cfg.train[k] for k in ("ways", "shots", "query_shots")},
-        "eval_episode": {k: cfg.eval[k] for k in ("ways", "shots", "query_shots")},
+        "train_episode": {k: cfg.train[k] for k in ("ways", "shots", "query_shots")}
+        | dict(zip(("episodes", "augment"), _train_kind(cfg.train), strict=True)),
+        "eval_episode": {k: cfg.eval[k] for k in ("ways", "shots", "query_shots")}
+        | {"episodes": _eval_kind(cfg.eval)},
         "episode_seed": cfg.eval.episode_seed,
         "algorithm": type(algo).__name__,
         "algo": {k: v for k, v in algo_cfg.items() if not k.startswith("_")},
         "bn_mode": algo.bn_mode.value,
         "model": cfg.model._target_.rsplit(".", 1)[-1],
     }
+
+
+def _option(section: DictConfig, key: str, default: str) -> str:
+    """``section.key`` as a string (enum or str), ``default`` in a config saved before the
+    option existed (``train.episodes``, ``train.augment``, ``eval.episodes``)."""
+    value = section.get(key, default)
+    return str(getattr(value, "value", value))
+
+
+def _train_kind(t: DictConfig) -> tuple[str, str]:
+    """``train``'s kind of episodes (``standard``, ``within_alphabet``) and augmentation
+    (``none``, ``affine``)."""
+    return _option(t, "episodes", "standard"), _option(t, "augment", "none")
+
+
+def _eval_kind(e: DictConfig) -> str:
+    """``eval``'s kind of episodes (``standard``, ``within_alphabet``)."""
+    return _option(e, "episodes", "standard")
