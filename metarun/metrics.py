@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -136,9 +137,11 @@ class RunLogger:
             self.log(iteration, {"perf/tasks_per_s": window_rate})
             self.jsonl.flush()
             self.backends.flush()
+        shown = math.isfinite(loss)  # NaN: no loss at this step (a benchmark's stream)
         if self.terminal:
             rate = self.rate if self.rate is not None else window_rate
-            postfix = {"loss": f"{loss:.3f}", metric: f"{acc:.3f}", "tasks/s": f"{rate:.1f}"}
+            postfix = {"loss": f"{loss:.3f}" if shown else "-", metric: f"{acc:.3f}"}
+            postfix["tasks/s"] = f"{rate:.1f}"
             if self.bar is None:  # opened here, so that the start-up lines come before it
                 self.bar = _tqdm(self.total, self.start_iteration, "it", "train", postfix)
             self.bar.set_postfix(postfix, refresh=False)
@@ -146,10 +149,10 @@ class RunLogger:
         elif measured:
             eta = (self.total - iteration) * tasks_per_iteration / max(window_rate, 1e-9)
             log.info(
-                "it %d/%d  loss %.4f  %s %.3f  %.1f tasks/s  eta %s",
+                "it %d/%d  loss %s  %s %.3f  %.1f tasks/s  eta %s",
                 iteration,
                 self.total,
-                loss,
+                f"{loss:.4f}" if shown else "-",
                 metric,
                 acc,
                 window_rate,

@@ -444,8 +444,8 @@ def test_without_a_terminal_validation_and_test_log_their_progress(tmp_path, mon
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     logger = metrics.RunLogger(tmp_path, total=4, start_iteration=0, log_every=2)
     with caplog.at_level(logging.INFO, logger="metarun"):
-        for it in range(1, 5):
-            logger.progress(it, 1.0, 0.5, 3)
+        for it in range(1, 5):  # the last step has no loss (a benchmark's stream): "-"
+            logger.progress(it, 1.0 if it < 4 else float("nan"), 0.5, 3)
         logger.end_training()
         with logger.evaluation("test", 3) as step:
             for _ in range(3):
@@ -453,7 +453,7 @@ def test_without_a_terminal_validation_and_test_log_their_progress(tmp_path, mon
     logger.close()
     lines = [r.getMessage() for r in caplog.records]
     assert re.fullmatch(r"it 2/4  loss 1\.0000  acc 0\.500  [\d.]+ tasks/s  eta \dm\d\ds", lines[0])
-    assert lines[1].startswith("it 4/4 ")
+    assert lines[1].startswith("it 4/4  loss -  acc 0.500  ")
     assert [line.split("  ")[0] for line in lines[2:]] == [
         "test: 1/3 episodes",
         "test: 2/3 episodes",
