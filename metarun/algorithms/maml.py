@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metarun.algorithms import vmap_engine
 from metarun.algorithms.base import (
     BOTH_KINDS,
     BatchNormMode,
@@ -27,6 +26,7 @@ from metarun.algorithms.base import (
     buffer_copies,
     linear_head,
 )
+from metarun.algorithms.vmap_engine import stateless_copy, vmap_meta_loss
 from metarun.data.episodes import Episode
 from metarun.tasks import CLASSIFICATION, TaskKind
 
@@ -95,7 +95,7 @@ class MAML(nn.Module):
             _check_engine(self)
         if engine == "vmap":
             # Not a submodule: a structural copy run with this module's parameters.
-            object.__setattr__(self, "_vmap_network", vmap_engine.stateless_copy(self.model))
+            object.__setattr__(self, "_vmap_network", stateless_copy(self.model))
         if engine == "l2l":
             from metarun.data.learn2learn import import_learn2learn
 
@@ -145,7 +145,7 @@ class MAML(nn.Module):
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_ways(episode.ways)
         if self.engine == "vmap":  # a stacked meta-batch: (tasks, n, C, H, W)
-            return vmap_engine.vmap_meta_loss(self, self._vmap_network, episode)
+            return vmap_meta_loss(self, self._vmap_network, episode)
         if self.engine == "l2l":
             from metarun.algorithms.l2l_engine import l2l_meta_loss
 

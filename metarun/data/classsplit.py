@@ -24,6 +24,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -160,6 +161,35 @@ def write_split(
         text = f"# the {split} split: {where[split]}\n" + "".join(f"{c}\n" for c in splits[split])
         _atomic_write(folder / f"{split}.txt", text)
     _atomic_write(folder / "split.json", json.dumps(extra, indent=2) + "\n")
+
+
+class SplitPools:
+    """The split-facing half of a user's dataset (``dataset=folder``, ``dataset=tensors``):
+    set ``_pools``, ``names`` (class names per split, pool order) and ``where`` (where each
+    split came from) and define ``describe()``; this gives ``pool``, ``split_lists`` and
+    ``write_split``."""
+
+    _pools: dict[str, ClassPool]
+    names: dict[str, list[str]]
+    where: dict[str, str]
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def pool(self, split: str) -> ClassPool:
+        """The classes of ``split`` (``train``, ``val`` or ``test``) as a :class:`ClassPool`."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose train, val or test")
+        return self._pools[split]
+
+    def split_lists(self) -> dict[str, list[str]]:
+        """The class names of each split, in pool order (the split actually used)."""
+        return {s: list(self.names[s]) for s in SPLITS}
+
+    def write_split(self, folder: Path) -> None:
+        """Writes the split used to ``folder`` (``train.txt``, ``val.txt``, ``test.txt`` and
+        ``split.json``; see :func:`write_split`)."""
+        write_split(Path(folder), self.split_lists(), self.where, self.describe())
 
 
 def _atomic_write(path: Path, text: str) -> None:

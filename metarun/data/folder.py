@@ -52,7 +52,7 @@ ANGLES = (0, 90, 180, 270)
 _ROTATED = re.compile(r"(.+)/rot(\d{3})")
 
 
-class ImageFolder:
+class ImageFolder(classsplit.SplitPools):
     """Image folders as three class pools (``train``, ``val``, ``test``).
 
     Args:
@@ -129,21 +129,6 @@ class ImageFolder:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
-
-    def pool(self, split: str) -> ClassPool:
-        """The classes of ``split`` (``train``, ``val`` or ``test``) as a :class:`ClassPool`."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose train, val or test")
-        return self._pools[split]
-
-    def split_lists(self) -> dict[str, list[str]]:
-        """The class names of each split, in pool order (the split actually used)."""
-        return {s: list(self.names[s]) for s in SPLITS}
-
-    def write_split(self, folder: Path) -> None:
-        """Writes the split used to ``folder`` (``train.txt``, ``val.txt``, ``test.txt`` and
-        ``split.json``; see :func:`metarun.data.classsplit.write_split`)."""
-        classsplit.write_split(Path(folder), self.split_lists(), self.where, self.describe())
 
     def describe(self) -> dict[str, Any]:
         """The split used: mode, source of each split and each class's number of images."""

@@ -37,7 +37,6 @@ import torch
 
 from metarun.data import classsplit
 from metarun.data.classsplit import SPLITS
-from metarun.data.episodes import ClassPool
 from metarun.data.files import DataError
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ MODES = ("auto", "lists", "files", "fractions")
 SUFFIXES = (".npz", ".pt", ".csv", ".parquet")
 
 
-class TensorFile:
+class TensorFile(classsplit.SplitPools):
     """Examples and labels from tensor files as three class pools (``train``, ``val``, ``test``).
 
     Args:
@@ -116,21 +115,6 @@ class TensorFile:
         """The shape of one example: ``(features,)``, ``(channels, length)`` or ``(C, H, W)``;
         the backbone's ``input_shape``."""
         return tuple(self.examples.shape[1:])
-
-    def pool(self, split: str) -> ClassPool:
-        """The classes of ``split`` (``train``, ``val`` or ``test``) as a :class:`ClassPool`."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose train, val or test")
-        return self._pools[split]
-
-    def split_lists(self) -> dict[str, list[str]]:
-        """The class names (labels) of each split, in pool order (the split actually used)."""
-        return {s: list(self.names[s]) for s in SPLITS}
-
-    def write_split(self, folder: Path) -> None:
-        """Writes the split used to ``folder`` (``train.txt``, ``val.txt``, ``test.txt`` and
-        ``split.json``; see :func:`metarun.data.classsplit.write_split`)."""
-        classsplit.write_split(Path(folder), self.split_lists(), self.where, self.describe())
 
     def describe(self) -> dict[str, Any]:
         """The split used: mode, source of each split and each class's number of examples."""
