@@ -174,7 +174,11 @@ def test_adapt_on_an_episode_as_folders_matches_metarun_test_on_that_episode(
     model = metarun.load(run, device="cpu")
     expected = model.predict(episode.support_x, episode.support_y, episode.query_x)
     scores = torch.tensor([row["scores"] for row in result["predictions"]])
-    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    # MAML's logits come after gradient steps on the support set; the subprocess may sum with
+    # another thread count than this process (CI measured 1.1e-5 apart), and the steps carry
+    # that rounding on. A wrong decode or resize moves the scores by far more.
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if algo == "protonet" else {"rtol": 1e-3, "atol": 1e-4}
+    torch.testing.assert_close(scores, expected, **tolerance)
     truth = [int(row["true_class"][:2]) for row in result["predictions"]]
     assert truth == episode.query_y.tolist()
 
