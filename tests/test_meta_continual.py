@@ -76,6 +76,79 @@ def test_sbmcl_stream_posterior_is_the_batch_posterior_in_any_order():
     torch.testing.assert_close(streamed, expected, rtol=1e-10, atol=1e-10)
 
 
+def _shared_predictive(z, y, classes, kappa, scale):
+    """SB-MCL's shared-covariance predictive from all examples at once: inverse-Wishart
+    posterior, then the multivariate t density written out with an explicit inverse."""
+    z = z.double()
+    d, n = z.shape[1], len(y)
+    means = torch.stack([z[y == c].mean(0) for c in range(classes)])
+    within = sum((z[y == c] - means[c]).T @ (z[y == c] - means[c]) for c in range(classes))
+    psi = kappa * scale * torch.eye(d, dtype=torch.float64) + within
+    nu = kappa + n - classes + 2
+    out = torch.empty(n, classes, dtype=torch.float64)
+    for c in range(classes):
+        n_c = int((y == c).sum())
+        shape = psi * (1 + 1 / n_c) / nu  # the t's scale matrix
+        diff = z - means[c]
+        q = (diff @ torch.linalg.inv(shape) * diff).sum(1)
+        out[:, c] = (
+            math.lgamma((nu + d) / 2) - math.lgamma(nu / 2) - d / 2 * math.log(nu * math.pi)
+            - 0.5 * torch.logdet(shape) - (nu + d) / 2 * torch.log1p(q / nu)
+        )  # fmt: skip
+    return out
+
+
+def test_sbmcl_shared_covariance_is_exact_and_order_invariant():
+    z, y = _stream(classes=4, per_class=6, d=5)
+    y[:3] = 3  # classes of different sizes: 9, 3, 6, 6 examples
+    method = SBMCL(Flat(5), 6, (5,), seed=0, covariance="shared", kappa=4.0, scale=0.5)
+    streamed = _observe_all(method, z, y, torch.arange(len(y)))
+    shuffled = _observe_all(
+        method, z, y, torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    )
+    torch.testing.assert_close(shuffled, streamed, rtol=0, atol=1e-9)
+    expected = _shared_predictive(z, y, 4, 4.0, 0.5)
+    torch.testing.assert_close(streamed[:, :4], expected, rtol=1e-9, atol=1e-9)
+    assert torch.isinf(streamed[:, 4:]).all()
+    # One feature: the multivariate t is Student's t (torch.distributions), scale psi(1+1/n)/nu
+    z1 = z[:, :1]
+    method = SBMCL(Flat(1), 4, (1,), seed=0, covariance="shared", kappa=4.0, scale=0.5)
+    scores = _observe_all(method, z1, y, torch.arange(len(y)))
+    within = sum(((z1[y == c] - z1[y == c].mean()) ** 2).sum().double() for c in range(4))
+    psi, nu = 4.0 * 0.5 + within, 4.0 + len(y) - 4 + 2  # pooled over the classes
+    for c in range(4):
+        zc = z1[y == c].double()
+        t = torch.distributions.StudentT(nu, zc.mean(), (psi * (1 + 1 / len(zc)) / nu).sqrt())
+        torch.testing.assert_close(scores[:, c], t.log_prob(z1.double()[:, 0]))
+
+
+def test_sbmcl_shared_covariance_learns_the_features_correlations():
+    # Two classes whose features are strongly correlated within each class, with means apart
+    # along the direction of little variance: the Euclidean (prototype) and per-feature
+    # (diagonal) models confuse them, the shared covariance separates them.
+    g = torch.Generator().manual_seed(0)
+    noise = (
+        torch.randn(400, 1, generator=g) * torch.tensor([[3.0, 3.0]])
+        + torch.randn(400, 2, generator=g) * 0.1
+    )
+    means = torch.tensor([[0.0, 0.6], [0.6, 0.0]])
+    y = torch.arange(2).repeat_interleave(200)
+    z = means[y] + noise
+    train, test = torch.arange(400) % 2 == 0, torch.arange(400) % 2 == 1
+    accuracy = {}
+    for name, method in {
+        "prototypes": Prototypes(Flat(2), 2, (2,), seed=0),
+        "diagonal": SBMCL(Flat(2), 2, (2,), seed=0),
+        "shared": SBMCL(Flat(2), 2, (2,), seed=0, covariance="shared", kappa=1.0, scale=1.0),
+    }.items():
+        method.begin_stream(None)
+        for k in torch.nonzero(train).flatten().tolist():
+            method.observe_embedded(z[k : k + 1], y[k : k + 1], torch.arange(2))
+        predicted = method.predict_embedded(z[test]).argmax(1)
+        accuracy[name] = (predicted == y[test]).double().mean().item()
+    assert accuracy["shared"] > 0.95 and max(accuracy["prototypes"], accuracy["diagonal"]) < 0.8
+
+
 def test_prototypes_are_running_means_and_unseen_classes_cannot_win():
     z, y = _stream(classes=3)
     method = Prototypes(Flat(5), 5, (5,), seed=0)
@@ -85,16 +158,18 @@ def test_prototypes_are_running_means_and_unseen_classes_cannot_win():
     assert torch.isinf(scores[:, 3:]).all() and (scores[:, 3:] < 0).all()
 
 
-def test_the_meta_training_gradient_reaches_the_sbmcl_prior():
+@pytest.mark.parametrize("covariance", ["diagonal", "shared"])
+def test_the_meta_training_gradient_reaches_the_sbmcl_prior(covariance):
     from metarun.data.episodes import ClassPool
 
     images = torch.randint(0, 256, (6, 8, 1, 4, 4), dtype=torch.uint8)
     pool = ClassPool.from_grouped(images, [str(i) for i in range(6)])
     method = SBMCL(ConvNet((1, 4, 4), [3], pools=[False]), 6, (1, 4, 4), seed=0, ways=3,
-                   shots=3, query_shots=2, meta_iterations=2)  # fmt: skip
-    before = (method.log_alpha.item(), method.log_beta.item())
-    assert method.pretrain(pool, 0, lambda it, loss, acc: False) == 2
-    assert (method.log_alpha.item(), method.log_beta.item()) != before
+                   shots=3, query_shots=2, meta_iterations=2, covariance=covariance)  # fmt: skip
+    prior = [p for n, p in method.named_parameters() if n.startswith("log_")]
+    before = [p.item() for p in prior]
+    assert len(prior) == 2 and method.pretrain(pool, 0, lambda it, loss, acc: False) == 2
+    assert all(p.item() != b for p, b in zip(prior, before, strict=True))
 
 
 # --- ANML: the gate, and what learns in the stream ------------------------------------------
@@ -321,10 +396,11 @@ def test_protocol_files_record_gem_bwt(make_cfg, tmp_path):
 
 def tiny_benchmark(algo: str, *extra: str) -> list[str]:
     """The benchmark shrunk to seconds: held-out background streams of 10 classes (two
-    draws), a narrow conv4, a few meta-training steps."""
+    draws), a narrow conv4, a few meta-training steps. ``algo`` is an ``algo=`` choice,
+    or one and a variant (``sbmcl-shared``: the variant's options are in ``extra``)."""
     return [
         "experiment=omniglot_meta_continual",
-        f"algo={algo}",
+        f"algo={algo.split('-')[0]}",
         "hardware.amp=off",
         "hardware.channels_last=false",
         "model.hidden=16",
@@ -341,6 +417,12 @@ def tiny_benchmark(algo: str, *extra: str) -> list[str]:
 
 META = {  # the order-invariant learners with a few meta-training steps of their own kind
     "sbmcl": ["algo.meta_iterations=40", "algo.ways=20", "algo.shots=5"],
+    "sbmcl-shared": [
+        "algo.meta_iterations=40",
+        "algo.ways=20",
+        "algo.shots=5",
+        "algo.covariance=shared",
+    ],  # fmt: skip
     "prototypes": ["algo.meta_iterations=40", "algo.ways=20", "algo.shots=5"],
 }
 
@@ -377,9 +459,9 @@ def test_order_invariant_learners_beat_naive_fine_tuning_on_held_out_streams(
 ):
     """Measured on 10-class held-out background streams (2 draws, 40 meta-training steps of
     a 16-channel conv4): naive fine-tuning 0.18 (it mostly predicts the last classes),
-    SB-MCL 0.57, prototypes 0.84. OML, ANML and the pretrained head need thousands of
-    meta-training steps to learn anything (at 60 steps they were at 0.09-0.15), so their
-    meta-training is tested by its gradients below instead."""
+    SB-MCL 0.57 (shared covariance: 0.80), prototypes 0.84. OML, ANML and the pretrained
+    head need thousands of meta-training steps to learn anything (at 60 steps they were at
+    0.09-0.15), so their meta-training is tested by its gradients below instead."""
     acc = _benchmark_accuracy(make_cfg, tmp_path, algo, *META[algo])
     assert acc > naive_accuracy + 0.2
 

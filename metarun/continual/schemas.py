@@ -196,8 +196,11 @@ class PrototypesConfig:
 @dataclass
 class SBMCLConfig(PrototypesConfig):
     _target_: str = "metarun.continual.methods.SBMCL"
-    alpha: float = positive()  # the Gamma prior's initial shape (meta-learned)
+    covariance: str = choice("diagonal", "shared", default="diagonal")
+    alpha: float = positive()  # diagonal: the Gamma prior's initial shape (meta-learned)
     beta: float = positive()  # and rate
+    kappa: float = positive()  # shared: the inverse-Wishart prior's initial strength
+    scale: float = positive()  # and variance (meta-learned)
 
 
 @dataclass

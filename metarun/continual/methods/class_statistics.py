@@ -10,7 +10,9 @@ these learners have nothing to forget and no learning rate to tune.
   "Learning to Continually Learn with the Bayesian Principle"), classification as its code
   does it (the GeMCL model of Banayeeanzade et al. 2021): per class and feature dimension a
   Gaussian of unknown mean and precision under a Normal-Gamma prior whose two scalars are
-  meta-learned, predicting with the exact Student-t posterior predictive.
+  meta-learned, predicting with the exact Student-t posterior predictive; or
+  (``covariance="shared"``) one full covariance shared by all classes under an
+  inverse-Wishart prior, predicting with the multivariate t.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from metarun.tasks import CLASSIFICATION, TaskKind
 class ClassStatistics(ContinualLearner):
     """The shared part: a backbone (the encoder) meta-trained on episodes, and per-class
     statistics of its features, ``count (n_classes,)``, ``total (n_classes, d)`` and
-    ``squares (n_classes, d)``, kept in float64 as buffers (so a resumed stream continues
-    them). Subclasses give the class scores (:meth:`class_logits`).
+    ``squares (n_classes, d)`` (and, for a class model with :attr:`needs_scatter`, the
+    sum of outer products ``scatter (d, d)`` over every example), kept in float64 as buffers
+    (so a resumed stream continues them). Subclasses give the class scores
+    (:meth:`class_logits`).
 
     Meta-training: ``meta_iterations`` episodes, each ``ways`` classes of the meta-training
     pool with ``shots`` support and ``query_shots`` query images per class; the class model
@@ -60,6 +64,7 @@ class ClassStatistics(ContinualLearner):
         frozen_embedding=True,
         stream_lr=False,
     )
+    needs_scatter = False  # whether class_logits uses the sum of outer products
 
     def __init__(
         self,
@@ -89,6 +94,8 @@ class ClassStatistics(ContinualLearner):
         self.register_buffer("count", torch.zeros(n_classes, dtype=torch.float64))
         self.register_buffer("total", torch.zeros(n_classes, d, dtype=torch.float64))
         self.register_buffer("squares", torch.zeros(n_classes, d, dtype=torch.float64))
+        scatter = torch.zeros(d, d, dtype=torch.float64) if self.needs_scatter else None
+        self.register_buffer("scatter", scatter)  # None: not in the state (older runs load)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         encoder = [p for n, p in self.named_parameters() if not n.startswith("head.")]
@@ -102,9 +109,12 @@ class ClassStatistics(ContinualLearner):
         count: torch.Tensor,
         total: torch.Tensor,
         squares: torch.Tensor,
+        scatter: torch.Tensor | None,
     ) -> torch.Tensor:
         """Scores ``(n, k)`` of features ``z (n, d)`` for ``k`` classes with statistics
-        ``count (k,)``, ``total (k, d)``, ``squares (k, d)`` (all with ``count >= 1``)."""
+        ``count (k,)``, ``total (k, d)``, ``squares (k, d)`` (all with ``count >= 1``) and
+        ``scatter (d, d)``, the sum of ``z z^T`` over all their examples (``None`` unless
+        :attr:`needs_scatter`)."""
         raise NotImplementedError
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
@@ -115,7 +125,7 @@ class ClassStatistics(ContinualLearner):
         )
         if seen.any():
             out[:, seen] = self.class_logits(
-                z.double(), self.count[seen], self.total[seen], self.squares[seen]
+                z.double(), self.count[seen], self.total[seen], self.squares[seen], self.scatter
             )
         return out
 
@@ -137,7 +147,11 @@ class ClassStatistics(ContinualLearner):
             z = z.view(ways, shots + queries, -1)
             support, query = z[:, :shots], z[:, shots:].reshape(ways * queries, -1)
             count = torch.full((ways,), float(shots), device=z.device)
-            logits = self.class_logits(query, count, support.sum(1), support.pow(2).sum(1)).float()
+            flat = support.reshape(ways * shots, -1)
+            scatter = flat.T @ flat if self.needs_scatter else None
+            logits = self.class_logits(
+                query, count, support.sum(1), support.pow(2).sum(1), scatter
+            ).float()
             labels = torch.arange(ways, device=z.device).repeat_interleave(queries)
             loss = F.cross_entropy(logits, labels)
             self._step(loss, "meta-training")
@@ -152,6 +166,8 @@ class ClassStatistics(ContinualLearner):
         self.count.zero_()
         self.total.zero_()
         self.squares.zero_()
+        if self.scatter is not None:
+            self.scatter.zero_()
 
     @torch.no_grad()
     def observe_embedded(self, z, y, classes):
@@ -161,6 +177,8 @@ class ClassStatistics(ContinualLearner):
         self.count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         self.total.index_add_(0, y, z)
         self.squares.index_add_(0, y, z.pow(2))
+        if self.needs_scatter:
+            self.scatter.add_(z.T @ z)
         return None, score  # no loss is minimised in the stream
 
     def observe(self, x, y, classes):
@@ -178,38 +196,72 @@ class Prototypes(ClassStatistics):
     (Snell et al. 2017's classifier, with the means updated one example at a time).
     Meta-training is Prototypical Networks' episodic training."""
 
-    def class_logits(self, z, count, total, squares):
+    def class_logits(self, z, count, total, squares, scatter):
         means = total / count[:, None]
         return -torch.cdist(z, means.to(z.dtype)).pow(2)
 
 
 class SBMCL(ClassStatistics):
-    """SB-MCL for classification: each class ``c`` and feature ``j`` a Gaussian of unknown
-    mean and precision with a Normal-Gamma prior (flat in the mean, ``Gamma(alpha,
-    beta)`` in the precision; ``alpha`` and ``beta`` shared scalars, meta-learned with the
-    encoder). After ``n`` examples with mean ``m`` and sum of squared deviations ``S``, the
-    posterior predictive of a new feature value is Student's t with ``2 alpha'`` degrees of
-    freedom, location ``m`` and squared scale ``beta' / alpha' (1 + 1 / n)``, ``alpha' =
-    alpha + n / 2``, ``beta' = beta + S / 2``; a class's score is the log predictive density
-    of the features, summed over ``j``, with every constant kept (classes may have seen
-    different numbers of examples). The sequential update of ``(n, sum, sum of squares)``
-    is the exact Bayesian update: the posterior after a stream equals the posterior from all
-    its examples at once, in any order.
+    """SB-MCL for classification. The class model is Gaussian with a flat prior on each
+    class's mean; the features' (co)variance has a conjugate prior whose parameters are
+    meta-learned with the encoder. Both models have an exact sequential update of
+    sufficient statistics: the posterior after a stream equals the posterior from all its
+    examples at once, in any order. A class's score is the log posterior predictive density
+    of the features, with every constant kept (classes may have seen different numbers of
+    examples).
 
-    The authors' code (github.com/soochan-lee/SB-MCL, ``models/gemcl.py``) adds ``log`` of
-    the variance where the exact density has half of it; metarun uses the exact density.
+    ``covariance="diagonal"`` (the authors' model): each class ``c`` and feature ``j`` a
+    Gaussian of unknown mean and precision, precision ``Gamma(alpha, beta)`` (``alpha``
+    and ``beta`` shared scalars). After ``n`` examples with mean ``m`` and sum of squared
+    deviations ``S``, the predictive of a new feature value is Student's t with ``2
+    alpha'`` degrees of freedom, location ``m`` and squared scale ``beta' / alpha' (1 + 1 /
+    n)``, ``alpha' = alpha + n / 2``, ``beta' = beta + S / 2``; summed over ``j``.
+    The authors' code (github.com/soochan-lee/SB-MCL, ``models/gemcl.py``, the GeMCL model of
+    Banayeeanzade et al. 2021) adds ``log`` of the variance where the exact density has half
+    of it; metarun uses the exact density.
+
+    ``covariance="shared"``: one ``d x d`` covariance ``Sigma`` shared by all classes,
+    ``Sigma ~ inverse-Wishart(kappa s I, kappa + d + 1)`` (prior mean ``s I``, worth
+    ``kappa`` examples; ``kappa`` and ``s`` meta-learned). After ``n`` examples of ``k``
+    classes with pooled within-class scatter ``W``, the predictive of class ``c`` (``n_c``
+    examples, mean ``m_c``) is the multivariate t with ``nu = kappa + n - k + 2`` degrees of
+    freedom, location ``m_c`` and scale ``(kappa s I + W)(1 + 1 / n_c) / nu``. The features'
+    correlations within classes, which the diagonal model ignores, are learned from the
+    stream; with few examples the prior keeps the covariance near ``s I`` (the prototype
+    learner's metric). Statistics: per class ``(n_c, sum)``, and ``sum z z^T`` over all.
 
     Args:
-        alpha, beta: the prior's initial values (the authors': 100 and 1000).
+        covariance: ``"diagonal"`` or ``"shared"``.
+        alpha, beta: the diagonal model's initial prior (the authors': 100 and 1000).
+        kappa, scale: the shared model's initial prior strength (in examples) and variance.
     """
 
-    def __init__(self, *args, alpha: float = 100.0, beta: float = 1000.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        covariance: str = "diagonal",
+        alpha: float = 100.0,
+        beta: float = 1000.0,
+        kappa: float = 1000.0,
+        scale: float = 1.0,
+        **kwargs,
+    ):
+        if covariance not in ("diagonal", "shared"):
+            raise ValueError(f"covariance={covariance!r}: use 'diagonal' or 'shared'")
+        self.covariance = covariance
+        self.needs_scatter = covariance == "shared"  # before the buffers are made
         super().__init__(*args, **kwargs)
-        self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)))
-        self.log_beta = nn.Parameter(torch.tensor(math.log(beta)))
+        if covariance == "diagonal":
+            self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)))
+            self.log_beta = nn.Parameter(torch.tensor(math.log(beta)))
+        else:
+            self.log_kappa = nn.Parameter(torch.tensor(math.log(kappa)))
+            self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         self.optimizer = self.make_optimizer()  # now with the prior's two scalars
 
-    def class_logits(self, z, count, total, squares):
+    def class_logits(self, z, count, total, squares, scatter):
+        if self.covariance == "shared":
+            return self._shared_logits(z, count, total, scatter)
         alpha, beta = self.log_alpha.exp().to(z.dtype), self.log_beta.exp().to(z.dtype)
         n = count[:, None].to(z.dtype)
         mean = total.to(z.dtype) / n
@@ -229,3 +281,24 @@ class SBMCL(ClassStatistics):
             diff2 = (part[:, None, :] - mean[None]).pow(2)  # (rows, k, d)
             out.append(constant - ((nu + 1) / 2 * torch.log1p(diff2 / (nu * scale2))).sum(-1))
         return torch.cat(out)
+
+    def _shared_logits(self, z, count, total, scatter):
+        dtype, d = z.dtype, z.shape[1]
+        kappa, s = self.log_kappa.exp().to(dtype), self.log_scale.exp().to(dtype)
+        count, total, scatter = count.to(dtype), total.to(dtype), scatter.to(dtype)
+        mean = total / count[:, None]  # (k, d)
+        within = scatter - (total.T / count) @ total  # W: scatter about each class's mean
+        psi = within + kappa * s * torch.eye(d, dtype=dtype, device=z.device)
+        nu = kappa + count.sum() - count.numel() + 2
+        inflation = 1 + 1 / count  # (k,)
+        # Mahalanobis distances under psi, as Euclidean ones after whitening by its Cholesky
+        # factor L (psi = L L^T): (z - m)^T psi^-1 (z - m) = |L^-1 z - L^-1 m|^2.
+        L = torch.linalg.cholesky(0.5 * (psi + psi.T))
+        white = torch.linalg.solve_triangular(L, torch.cat([z, mean]).T, upper=False).T
+        distance2 = torch.cdist(white[: len(z)], white[len(z) :]).pow(2)  # (n, k)
+        # log t_nu(x; m_c, psi (1 + 1/n_c) / nu), every term kept
+        log_det = 2 * L.diagonal().log().sum() - d * torch.log(nu) + d * inflation.log()  # (k,)
+        constant = (
+            torch.lgamma((nu + d) / 2) - torch.lgamma(nu / 2) - d / 2 * torch.log(nu * math.pi)
+        )
+        return constant - 0.5 * log_det - (nu + d) / 2 * torch.log1p(distance2 / inflation)
