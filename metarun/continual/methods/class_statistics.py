@@ -177,7 +177,7 @@ class ClassStatistics(ContinualLearner):
         self.count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         self.total.index_add_(0, y, z)
         self.squares.index_add_(0, y, z.pow(2))
-        if self.needs_scatter:
+        if self.scatter is not None:
             self.scatter.add_(z.T @ z)
         return None, score  # no loss is minimised in the stream
 
