@@ -212,7 +212,11 @@ def accuracy_vs_n(
     """Curves of a metric against N (e.g. the meta-continual Omniglot benchmark's N = 10,
     50, 100, 200, 600 classes), one per series (``{"OML meta-test train": [(N, mean, ci95),
     ...]}``), each with its 95% confidence band. ``percent`` scales fractions to percent."""
-    fig = _figure(6.0, 4.0)
+    import textwrap
+
+    labels = {name: textwrap.fill(name, 90) for name in series}
+    legend_lines = sum(label.count("\n") + 1 for label in labels.values())
+    fig = _figure(7.0, 4.0 + 0.2 * legend_lines)
     ax = fig.add_subplot()
     scale = 100.0 if percent else 1.0
     for name, points in series.items():
@@ -220,7 +224,7 @@ def accuracy_vs_n(
         x = [p[0] for p in points]
         mean = [scale * p[1] for p in points]
         ci = [scale * p[2] for p in points]
-        (line,) = ax.plot(x, mean, marker="o", label=name)
+        (line,) = ax.plot(x, mean, marker="o", label=labels[name])
         lower = [m - c for m, c in zip(mean, ci, strict=True)]
         upper = [m + c for m, c in zip(mean, ci, strict=True)]
         ax.fill_between(x, lower, upper, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -232,8 +236,9 @@ def accuracy_vs_n(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend()
     ax.set_title(title or f"{ylabel} against {xlabel} (bands: 95% CI)")
+    # below the axes, so that no curve is hidden whatever the labels' length
+    fig.legend(loc="outside lower center", fontsize="small")
     return fig
 
 

@@ -42,6 +42,17 @@ from metarun.stats import mean_t_ci95
 # The protocol entries (results.json) that fix the test episodes: runs that agree on all of
 # them were tested on the same episodes, in the same order.
 SAME_EPISODES = ("dataset", "split", "image_size", "test_classes", "eval_episode", "episode_seed")
+# The meta-continual benchmark's entries (results.json "benchmark") that fix its streams' shape.
+BENCHMARK_PROTOCOL = (
+    "benchmark",
+    "sizes",
+    "draws",
+    "selection_draws",
+    "train_shots",
+    "image_size",
+    "evaluation_split",
+    "lr_grid",
+)
 
 
 def with_episode_kind(protocol: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +111,21 @@ class Run:
         return "continual" in self.results
 
     @property
+    def benchmark(self) -> bool:
+        """A meta-continual benchmark run: accuracy against the number of classes N."""
+        return "meta_test" in self.results
+
+    @property
+    def kind(self) -> str:
+        """Which table the run goes to: ``continual``, ``benchmark`` or ``meta``."""
+        return "continual" if self.continual else "benchmark" if self.benchmark else "meta"
+
+    @property
+    def sizes(self) -> list[str]:
+        """The benchmark's numbers of classes N, as results.json keys them."""
+        return sorted(self.results.get("meta_test", {}), key=int)
+
+    @property
     def config(self) -> dict[str, Any]:
         return self.results.get("config", {})
 
@@ -109,7 +135,7 @@ class Run:
 
     @property
     def metric(self) -> str:
-        if self.continual:
+        if self.continual or self.benchmark:
             return self.results.get("metric", "acc")
         test = self.results.get("test", {})
         return "acc" if "acc" in test else "mse"
@@ -128,6 +154,8 @@ class Run:
         p = self.protocol
         if self.continual:
             return f"{p.get('scenario')} ({p.get('incremental')}-incremental)"
+        if self.benchmark:
+            return str(p.get("scenario"))
         return p.get("dataset", "?") + (f" ({p['split']})" if p.get("split") else "")
 
     def value(self, name: str) -> float:
@@ -144,6 +172,10 @@ class Run:
         }
         for key, v in r.get("continual", {}).items():
             table[f"continual/{key}"] = v
+        for n, entry in r.get("meta_test", {}).items():  # meta_test/600, .../train, .../ci95
+            table[f"meta_test/{n}"] = entry["test"]["mean"]
+            table[f"meta_test/{n}/ci95"] = entry["test"]["ci95"]
+            table[f"meta_test/{n}/train"] = entry["train"]["mean"]
         v = table.get(name)
         return math.nan if v is None else float(v)
 
@@ -154,6 +186,9 @@ class Run:
             fields = {k: p.get(k) for k in ("scenario", "incremental", "n_tasks")}
             tasks = self.results.get("stream", {}).get("tasks")
             return fields | {"metric": self.metric, "tasks": tasks}
+        if self.benchmark:  # the streams' shape; the draws themselves follow the seed
+            bench = self.results.get("benchmark", {})
+            return {k: bench.get(k) for k in BENCHMARK_PROTOCOL} | {"metric": self.metric}
         fields = {k: p.get(k) for k in (*SAME_EPISODES, "bn_mode")}
         fields["test_episodes"] = self.results.get("test", {}).get("episodes")
         fields["test_adaptation_steps"] = p.get("algo", {}).get("test_adaptation_steps")
@@ -165,6 +200,12 @@ class Run:
         if self.continual:
             return (
                 f"{p.get('n_tasks')} tasks, {p.get('epochs')} epoch(s), batch {p.get('batch_size')}"
+            )
+        if self.benchmark:
+            b = self.results.get("benchmark", {})
+            return (
+                f"{b.get('train_shots')} drawings per class, one per update; {b.get('draws')} "
+                f"draws per N; {b.get('image_size')} px"
             )
         e = p.get("eval_episode", {})
         episodes = self.results.get("test", {}).get("episodes")
@@ -271,8 +312,8 @@ def group_runs(runs: list[Run], ignore: tuple[str, ...] = ()) -> list[Group]:
                     f"them separately, or test them again on one protocol "
                     f"(metarun test=RUN eval.test_episodes=... eval.episode_seed=...)."
                 )
-    for kind in {(g.first.continual, g.first.metric) for g in groups}:  # one per table
-        _label([g for g in groups if (g.first.continual, g.first.metric) == kind], ignore)
+    for kind in {(g.first.kind, g.first.metric) for g in groups}:  # one per table
+        _label([g for g in groups if (g.first.kind, g.first.metric) == kind], ignore)
     return groups
 
 
@@ -310,6 +351,10 @@ def _summarise(group: Group) -> None:
     names = [f"val/{m}", f"test/{m}", "test/ci95", "time", "tasks/s"]
     if group.first.continual:
         names = [f"continual/{m}", "continual/bwt", "continual/fwt", "continual/forgetting", "time"]
+    if group.first.benchmark:
+        sizes = group.first.sizes
+        names = [f"meta_test/{n}" for n in sizes] + [f"meta_test/{n}/train" for n in sizes]
+        names += ["time"]
     for name in names:
         values = [r.value(name) for r in group.runs]
         finite = [v for v in values if math.isfinite(v)]
@@ -580,6 +625,76 @@ def continual_tables(runs: list[Run], groups: list[Group]) -> tuple[str, list, l
     return text, run_csv, group_csv
 
 
+def benchmark_tables(runs: list[Run], groups: list[Group]) -> tuple[str, list, list]:
+    """Markdown and CSV rows of meta-continual benchmark runs: meta-test test accuracy at
+    each N (a run: ± its 95% CI over draws; a group: ± the 95% CI across seeds), and
+    meta-test train accuracy."""
+    sizes = sorted({n for r in runs for n in r.sizes}, key=int)
+    label = {id(r): g.label for g in groups for r in g.runs}
+    header = ["run", "group", "method", "benchmark", "seed"]
+    header += [f"N = {n}" for n in sizes] + ["train s"]
+    rows, run_csv = [], []
+    for r in runs:
+        cells = [
+            _fmt(r.value(f"meta_test/{n}"), "acc", r.value(f"meta_test/{n}/ci95")) for n in sizes
+        ]
+        rows.append(
+            [r.name, label[id(r)] or "-", r.algorithm, r.dataset, str(r.seed), *cells]
+            + [_number(r.value("time"))]
+        )
+        row = {"run": r.name, "group": label[id(r)], "method": r.algorithm, "seed": r.seed}
+        for n in sizes:
+            row[f"test_{n}"] = r.value(f"meta_test/{n}")
+            row[f"test_{n}_ci95_draws"] = r.value(f"meta_test/{n}/ci95")
+            row[f"train_{n}"] = r.value(f"meta_test/{n}/train")
+        run_csv.append(row | {"train_seconds": r.value("time"), "path": str(r.path)})
+    g_header = ["group", "method", "seeds"] + [f"N = {n}" for n in sizes]
+    g_rows, group_csv = [], []
+    for g in groups:
+        seeds = [x.seed for x in g.runs]
+        g_rows.append(
+            [g.label or "-", g.first.algorithm, f"{len(seeds)} ({', '.join(map(str, seeds))})"]
+            + [_fmt(g.value(f"meta_test/{n}"), "acc", g.values[f"meta_test/{n}"][1]) for n in sizes]
+        )
+        row = {"group": g.label, "method": g.first.algorithm, "seeds": " ".join(map(str, seeds))}
+        for n in sizes:
+            mean, ci = g.values[f"meta_test/{n}"]
+            row[f"test_{n}_mean"], row[f"test_{n}_ci95_seeds"] = mean, ci
+            row[f"train_{n}_mean"] = g.value(f"meta_test/{n}/train")
+        group_csv.append(row | {"runs": " ".join(x.name for x in g.runs)})
+    protocols = sorted({r.protocol_text() for r in runs})
+    text = (
+        "### Meta-continual benchmark\n\nMeta-test test accuracy (%) after a stream of N "
+        "classes, on each class's other drawings; a run's mean ± 95% CI over its draws "
+        f"({'; '.join(protocols)}).\n\n{_markdown(header, rows)}\n\n"
+        "### Meta-continual benchmark: groups over seeds\n\nMean over seeds ± 95% CI "
+        "across seeds (Student's t, n - 1 df; none for one seed).\n\n"
+        f"{_markdown(g_header, g_rows)}\n"
+    )
+    return text, run_csv, group_csv
+
+
+def _accuracy_vs_n(groups: list[Group], out: Path) -> Path:
+    """Every benchmark group's meta-test test accuracy against N in one figure; the band is
+    the 95% CI across seeds, or for one seed the run's own CI over its draws."""
+    from metarun import figures
+
+    series = {}
+    for g in groups:
+        points = []
+        for n in g.first.sizes:
+            mean, ci = g.values[f"meta_test/{n}"]
+            if len(g.runs) == 1:
+                ci = g.first.value(f"meta_test/{n}/ci95")
+            points.append((int(n), mean, ci if math.isfinite(ci) else 0.0))
+        name = " · ".join(x for x in (g.first.algorithm, g.label) if x)
+        series[name + (f" ({len(g.runs)} seeds)" if len(g.runs) > 1 else "")] = points
+    fig = figures.accuracy_vs_n(
+        series, ylabel="meta-test test accuracy (%)", title="accuracy against the number of classes"
+    )
+    return figures.save_png(fig, out / "accuracy_vs_n.png")
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -609,6 +724,8 @@ def _plot(groups: list[Group], out: Path) -> Path:
     panels: dict[str, list] = {}
     percent: dict[str, bool] = {}
     for g in groups:
+        if g.first.benchmark:  # their own figure (accuracy_vs_n.png)
+            continue
         m = g.first.metric
         name = f"continual/{m}" if g.first.continual else f"test/{m}"
         title = {
@@ -654,6 +771,7 @@ def report(
                 "time",
                 "tasks/s",
                 *(f"continual/{k}" for k in r.results.get("continual", {})),
+                *(f"meta_test/{n}" for n in r.sizes),
             )
         }
         if sort not in known:
@@ -675,11 +793,13 @@ def report(
     ]
     written = []
     for metric in ("acc", "mse"):
-        these = [r for r in runs if not r.continual and r.metric == metric]
+        these = [r for r in runs if r.kind == "meta" and r.metric == metric]
         if not these:
             continue
         text, run_csv, group_csv = meta_tables(
-            these, [g for g in groups if not g.first.continual and g.first.metric == metric], metric
+            these,
+            [g for g in groups if g.first.kind == "meta" and g.first.metric == metric],
+            metric,
         )
         sections.append(text)
         suffix = "" if metric == "acc" else "_mse"
@@ -695,6 +815,15 @@ def report(
         _write_csv(out / "continual_runs.csv", run_csv)
         _write_csv(out / "continual_groups.csv", group_csv)
         written += [out / "continual_runs.csv", out / "continual_groups.csv"]
+    benchmarks = [r for r in runs if r.benchmark]
+    if benchmarks:
+        text, run_csv, group_csv = benchmark_tables(
+            benchmarks, [g for g in groups if g.first.benchmark]
+        )
+        sections.append(text)
+        _write_csv(out / "benchmark_runs.csv", run_csv)
+        _write_csv(out / "benchmark_groups.csv", group_csv)
+        written += [out / "benchmark_runs.csv", out / "benchmark_groups.csv"]
     if unfinished:
         sections.append(
             "### Run folders without results.json (failed, stopped or still running)\n\n"
@@ -705,8 +834,12 @@ def report(
 
     notes = []
     if plot and figures.available():
-        written.append(_plot(groups, out))
-        sections.append("![accuracy per group](report.png)\n")
+        if any(not g.first.benchmark for g in groups):
+            written.append(_plot(groups, out))
+            sections.append("![accuracy per group](report.png)\n")
+        if benchmarks:
+            written.append(_accuracy_vs_n([g for g in groups if g.first.benchmark], out))
+            sections.append("![accuracy against N](accuracy_vs_n.png)\n")
         if curves:
             label = {id(r): g.label for g in groups for r in g.runs}
             lines = {

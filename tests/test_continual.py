@@ -151,11 +151,11 @@ def interrupt_after(monkeypatch, cls: type, calls: int, method: str = "observe")
     original = getattr(cls, method)
     seen = {"n": 0}
 
-    def counted(self, *args):
+    def counted(self, *args, **kwargs):
         seen["n"] += 1
         if seen["n"] == calls:
             signal.raise_signal(signal.SIGINT)
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, method, counted)
 

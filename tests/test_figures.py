@@ -50,7 +50,8 @@ def test_accuracy_against_n_has_a_band_per_series_and_a_legend():
     assert len(ax.collections) == 2  # one CI band per series
     band = ax.collections[1].get_paths()[0].vertices[:, 1]
     assert band.min() == pytest.approx(80 - 60 - 3) and band.max() == pytest.approx(80 - 1 + 3)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(series)
+    (legend,) = fig.legends  # below the axes: it hides no curve
+    assert [t.get_text() for t in legend.get_texts()] == list(series)
 
 
 def test_sinusoid_figure_has_axes_and_a_legend_naming_every_line():

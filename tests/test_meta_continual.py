@@ -41,11 +41,14 @@ def _stream(seed: int = 0, classes: int = 4, per_class: int = 6, d: int = 5):
     return z, y
 
 
-def _observe_all(method, z, y, order):
+def _observe_all(method, z, y, order, score=True):
+    """Streams ``z, y`` in ``order``; ``score=False`` as the benchmark (no prequential
+    score, which must not change what is learned)."""
     method.begin_stream(None)
     classes = torch.arange(int(y.max()) + 1)
     for k in order.tolist():
-        method.observe_embedded(z[k : k + 1], y[k : k + 1], classes)
+        _, metric = method.observe_embedded(z[k : k + 1], y[k : k + 1], classes, score=score)
+        assert math.isnan(metric) != score
     return method.predict_embedded(z)
 
 
@@ -55,7 +58,7 @@ def test_sbmcl_stream_posterior_is_the_batch_posterior_in_any_order():
     streamed = _observe_all(method, z, y, torch.arange(len(y)))
     stats = (method.count.clone(), method.total.clone(), method.squares.clone())
     shuffled = _observe_all(
-        method, z, y, torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+        method, z, y, torch.randperm(len(y), generator=torch.Generator().manual_seed(1)), False
     )
     assert torch.equal(method.count, stats[0])
     torch.testing.assert_close(method.total, stats[1], rtol=0, atol=1e-12)
@@ -104,7 +107,7 @@ def test_sbmcl_shared_covariance_is_exact_and_order_invariant():
     method = SBMCL(Flat(5), 6, (5,), seed=0, covariance="shared", kappa=4.0, scale=0.5)
     streamed = _observe_all(method, z, y, torch.arange(len(y)))
     shuffled = _observe_all(
-        method, z, y, torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+        method, z, y, torch.randperm(len(y), generator=torch.Generator().manual_seed(1)), False
     )
     torch.testing.assert_close(shuffled, streamed, rtol=0, atol=1e-9)
     expected = _shared_predictive(z, y, 4, 4.0, 0.5)
@@ -203,6 +206,30 @@ def test_only_the_head_learns_in_anmls_stream():
         method.observe(x[k : k + 1], y[k : k + 1], torch.arange(2))
     changed = {n for n, p in method.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_head_narrowed_to_the_streams_classes_learns_as_the_whole_head(optimizer):
+    """The benchmark tells an online head how many classes its stream has; training only
+    those rows must give the same head and scores as training every row."""
+    method = _anml()
+    method.stream_optimizer = optimizer
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(12, method.head.in_features, generator=g)
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    heads = []
+    for rows in (None, 3):
+        torch.manual_seed(7)  # the head is drawn afresh from the global generator
+        method.begin_stream(0.05, rows)
+        for k in range(len(y)):
+            method.observe_embedded(z[k : k + 1], y[k : k + 1], torch.arange(int(y[k]) + 1))
+        heads.append((method.head.weight.detach().clone(), method.predict_embedded(z)[:, :3]))
+        assert method.optimizer.param_groups[0]["params"][0].shape[0] == (rows or 7)
+    torch.testing.assert_close(heads[1][0], heads[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(heads[1][1], heads[0][1], rtol=1e-6, atol=1e-6)
+    torch.manual_seed(7)
+    method.begin_stream(0.05, 3)
+    assert not torch.equal(method.head.weight, heads[1][0])  # the stream moved the rows
 
 
 # --- MER, La-MAML and EWC against hand computations -----------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import json
 import math
 import shutil
@@ -229,3 +230,56 @@ def test_report_on_a_folder_without_runs_says_so(tmp_path):
         [METARUN, "report", str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "no results.json in" in done.stderr
+
+
+def _benchmark_run(folder: Path, seed: int, method: str, test: dict[int, float], **bench):
+    """A meta-continual benchmark run's results.json (the fields the report reads)."""
+    meta_test = {
+        str(n): {
+            "lr": None,
+            "test": {"mean": acc, "ci95": 0.01, "values": [acc] * 10},
+            "train": {"mean": acc + 0.01, "ci95": 0.005, "values": []},
+        }
+        for n, acc in test.items()
+    }
+    benchmark = {"benchmark": "omniglot_meta_continual", "sizes": sorted(test), "draws": 10,
+                 "selection_draws": 5, "train_shots": 15, "image_size": 28, "seed": seed,
+                 "evaluation_split": "the evaluation set (659 characters)"} | bench  # fmt: skip
+    results = {
+        "metric": "acc",
+        "meta_test": meta_test,
+        "benchmark": benchmark,
+        "protocol": {"scenario": "omniglot_meta_continual", "method": method, "seed": seed},
+        "training": {"seconds": 60.0},
+        "config": {"seed": seed, "algo": {"_target_": f"metarun.continual.methods.{method}"}},
+    }
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_benchmark_runs_report_accuracy_against_n_over_seeds(tmp_path):
+    for seed, (a, b) in enumerate([(0.98, 0.80), (0.96, 0.84)]):
+        _benchmark_run(tmp_path / "runs" / f"sb{seed}", seed, "SBMCL", {10: a, 600: b})
+    _benchmark_run(tmp_path / "runs" / "proto", 0, "Prototypes", {10: 0.99, 600: 0.85})
+    markdown = report([tmp_path / "runs"], tmp_path / "out", sort="meta_test/600")
+    assert "### Meta-continual benchmark" in markdown and "test mse" not in markdown
+    row = "| proto | - | Prototypes | omniglot_meta_continual | 0 | 99.00 ± 1.00 | 85.00 ± 1.00 |"
+    assert row in markdown
+    groups = {
+        g["method"]: g for g in csv.DictReader(open(tmp_path / "out" / "benchmark_groups.csv"))
+    }
+    assert groups["SBMCL"]["seeds"] == "0 1"
+    assert float(groups["SBMCL"]["test_600_mean"]) == pytest.approx(0.82)
+    assert float(groups["SBMCL"]["test_600_ci95_seeds"]) == pytest.approx(
+        12.7062 * 0.04 / 2, rel=1e-4
+    )
+    assert float(groups["SBMCL"]["train_10_mean"]) == pytest.approx(0.98)
+    runs = list(csv.DictReader(open(tmp_path / "out" / "benchmark_runs.csv")))
+    assert [r["run"] for r in runs] == ["proto", "sb1", "sb0"]  # by N = 600, best first
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "out" / "accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+        assert not (tmp_path / "out" / "report.png").exists()  # no other kind of run
+    # Streams of another shape are not averaged with these.
+    _benchmark_run(tmp_path / "runs" / "sb2", 2, "SBMCL", {10: 0.9, 600: 0.8}, train_shots=10)
+    with pytest.raises(ReportError, match="train_shots: 15 against 10"):
+        group_runs(find_runs([tmp_path / "runs"])[0])

@@ -138,8 +138,8 @@ def learn_stream(
     order), and returns its meta-test test and train accuracies."""
     if snapshot is not None:  # learners that change more than a head: back to the start
         method.load_state_dict(snapshot)
-    method.begin_stream(lr)
     n, shots = stream.train.shape
+    method.begin_stream(lr, n)
     labels = torch.arange(n).repeat_interleave(shots)
     items = stream.train.flatten()
     if method.cumulative:
@@ -155,7 +155,7 @@ def learn_stream(
         target = torch.tensor([y], device=hardware.device)
         with hardware.autocast():
             if frozen:
-                method.observe_embedded(x, target, classes)
+                method.observe_embedded(x, target, classes, score=False)
             else:
                 method.observe(x, target, classes)
         last_of_class = k + 1 == items.numel() or int(labels[k + 1]) != y

@@ -221,10 +221,12 @@ class ContinualLearner(nn.Module):
         several optimiser steps would keep computing with the first step's weights."""
         return 0
 
-    def begin_stream(self, lr: float | None) -> None:
+    def begin_stream(self, lr: float | None, n_classes: int | None = None) -> None:
         """Starts a fresh stream of the meta-continual benchmark (the recipe has restored
         the state after meta-training): the continual phase learns at ``lr`` (``None``:
-        the configured one) with a fresh optimiser."""
+        the configured one) with a fresh optimiser. ``n_classes``: the stream's labels are
+        below it (``None``: any output may be in play); a learner may train only those
+        outputs."""
         if lr is not None:
             self.lr = lr
         self.optimizer = self.make_optimizer()
@@ -254,9 +256,11 @@ class ContinualLearner(nn.Module):
         return self.backbone(x)
 
     def observe_embedded(
-        self, z: torch.Tensor, y: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[float, float]:
-        """:meth:`observe` on features from :meth:`embed`."""
+        self, z: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, score: bool = True
+    ) -> tuple[float | None, float]:
+        """:meth:`observe` on features from :meth:`embed`. With ``score=False`` the caller
+        has no use for the metric (the meta-continual benchmark scores after the stream):
+        a learner that computes its scores only for it may skip them and return NaN."""
         raise NotImplementedError(f"{type(self).__name__} does not learn on fixed features")
 
     def predict_embedded(self, z: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,8 @@ class ExperienceReplay(ContinualLearner):
         self.buffer = replay_buffer(buffer_size, input_shape, task)
         self.replay_batch_size = replay_batch_size
 
-    def begin_stream(self, lr: float | None) -> None:
-        super().begin_stream(lr)
+    def begin_stream(self, lr: float | None, n_classes: int | None = None) -> None:
+        super().begin_stream(lr, n_classes)
         self.buffer.clear()
 
     def observe(self, x, y, classes):
@@ -116,8 +116,8 @@ class EWC(ContinualLearner):
         self.constant = 0.0  # K
         self.tasks_seen = 0
 
-    def begin_stream(self, lr: float | None) -> None:
-        super().begin_stream(lr)
+    def begin_stream(self, lr: float | None, n_classes: int | None = None) -> None:
+        super().begin_stream(lr, n_classes)
         self.fisher_sum, self.anchor, self.constant, self.tasks_seen = {}, {}, 0.0, 0
 
     def penalty(self) -> torch.Tensor | float:

@@ -91,8 +91,8 @@ class LaMAML(ContinualLearner):
             return super().make_optimizer()
         return torch.optim.SGD(self.alphas.parameters(), lr=self.lr)
 
-    def begin_stream(self, lr: float | None) -> None:
-        super().begin_stream(lr)
+    def begin_stream(self, lr: float | None, n_classes: int | None = None) -> None:
+        super().begin_stream(lr, n_classes)
         self.buffer.clear()
 
     def observe(self, x, y, classes):

@@ -65,8 +65,8 @@ class MER(ContinualLearner):
         self.replay_batch_size = replay_batch_size
         self.buffer = replay_buffer(buffer_size, input_shape, task)
 
-    def begin_stream(self, lr: float | None) -> None:
-        super().begin_stream(lr)
+    def begin_stream(self, lr: float | None, n_classes: int | None = None) -> None:
+        super().begin_stream(lr, n_classes)
         self.buffer.clear()
 
     def observe(self, x, y, classes):

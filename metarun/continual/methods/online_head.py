@@ -48,6 +48,7 @@ class OnlineHead(ContinualLearner):
         self.stream_lr, self.stream_optimizer = lr, stream_optimizer
         self.meta_lr = meta_lr
         self.streaming = False
+        self.stream_rows: int | None = None
 
     def reset_head(self) -> None:
         """Draws the head afresh."""
@@ -56,27 +57,37 @@ class OnlineHead(ContinualLearner):
             if hasattr(self.backbone, "init_linear"):
                 self.backbone.init_linear(self.head)
 
-    def begin_stream(self, lr: float | None) -> None:
+    def begin_stream(self, lr: float | None, n_classes: int | None = None) -> None:
         if lr is not None:
             self.stream_lr = lr
         self.reset_head()
         self.streaming = True
-        self.optimizer = make_optimizer(
-            self.stream_optimizer, self.head.parameters(), self.stream_lr
-        )
+        self.stream_rows = n_classes
+        self.optimizer = self.make_optimizer()
+
+    def stream_parameters(self) -> list[nn.Parameter]:
+        """What the stream trains: the head's first ``stream_rows`` rows (weight and bias),
+        as parameters that share the head's memory, or the whole head. Outputs outside the
+        stream's classes never get a gradient, so neither Adam nor SGD would move them;
+        leaving them out of the optimiser only saves their cost (a 963-row head at N = 10)."""
+        rows = self.stream_rows
+        if rows is None or rows >= self.head.out_features:
+            return list(self.head.parameters())
+        return [nn.Parameter(p.detach()[:rows]) for p in (self.head.weight, self.head.bias)]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        if getattr(self, "streaming", False):  # restoring a checkpoint taken in the stream
-            return make_optimizer(self.stream_optimizer, self.head.parameters(), self.stream_lr)
+        if getattr(self, "streaming", False):  # also restoring a checkpoint taken in the stream
+            return make_optimizer(self.stream_optimizer, self.stream_parameters(), self.stream_lr)
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
     def reset_learning_rates(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.stream_lr if self.streaming else self.lr
 
-    def observe_embedded(self, z, y, classes):
+    def observe_embedded(self, z, y, classes, score=True):  # the loss needs the scores
         self.head.train()
-        logits = self.in_play(self.head(z.float()), classes)
+        weight, bias = self.optimizer.param_groups[0]["params"]  # the rows the stream trains
+        logits = self.in_play(F.linear(z.float(), weight, bias), classes)
         loss = self.task.loss(logits, y)
         self._step(loss, "training")
         return loss.item(), self.task.score(logits.detach(), y).item()
@@ -88,10 +99,15 @@ class OnlineHead(ContinualLearner):
         return self.head(self.embed(x).float())
 
     def get_extra_state(self) -> dict:
-        return {**super().get_extra_state(), "streaming": self.streaming}
+        return {
+            **super().get_extra_state(),
+            "streaming": self.streaming,
+            "stream_rows": self.stream_rows,
+        }
 
     def set_extra_state(self, state: dict) -> None:
         self.streaming = state.get("streaming", False)
+        self.stream_rows = state.get("stream_rows")
         super().set_extra_state(state)
 
 
