@@ -338,9 +338,9 @@ def test_benchmark_streams_show_each_training_drawing_once_in_class_order(bench)
     seen: list[int] = []
     original = method.observe_embedded
 
-    def spy(z, y, classes):
+    def spy(z, y, classes, **kwargs):
         seen.append(int(y))
-        return original(z, y, classes)
+        return original(z, y, classes, **kwargs)
 
     method.observe_embedded = spy
     inputs = meta_test.prepare_inputs(method, bench.evaluation, _CPU)
