@@ -213,7 +213,7 @@ def test_a_head_narrowed_to_the_streams_classes_learns_as_the_whole_head(optimiz
     """The benchmark tells an online head how many classes its stream has; training only
     those rows must give the same head and scores as training every row."""
     method = _anml()
-    method.stream_optimizer = optimizer
+    method.stream_optimizer, method.stream_outputs = optimizer, "seen"
     g = torch.Generator().manual_seed(3)
     z = torch.randn(12, method.head.in_features, generator=g)
     y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
@@ -230,6 +230,24 @@ def test_a_head_narrowed_to_the_streams_classes_learns_as_the_whole_head(optimiz
     torch.manual_seed(7)
     method.begin_stream(0.05, 3)
     assert not torch.equal(method.head.weight, heads[1][0])  # the stream moved the rows
+
+
+def test_an_online_heads_stream_loss_spans_every_output_as_the_authors_evaluation():
+    """OML's and ANML's evaluation code (and their meta-training inner loops) take the
+    cross-entropy over every output of the head, so a class's first example already moves
+    its row; over the seen classes only, the first class of a stream learns nothing."""
+    z = torch.randn(1, _anml().head.in_features, generator=torch.Generator().manual_seed(0))
+    rows = {}
+    for outputs in ("all", "seen"):
+        method = _anml()
+        method.stream_outputs = outputs
+        method.begin_stream(0.01, 3)
+        before = method.head.weight.detach().clone()
+        method.observe_embedded(z, torch.tensor([0]), torch.arange(1))
+        rows[outputs] = method.head.weight.detach() - before
+    assert rows["all"][0].abs().sum() > 0 and (rows["all"] @ z[0])[0] > 0  # class 0 up
+    assert rows["all"][1:].abs().sum() > 0  # the other outputs pushed down
+    assert torch.equal(rows["seen"], torch.zeros_like(rows["seen"]))
 
 
 # --- MER, La-MAML and EWC against hand computations -----------------------------------------

@@ -159,6 +159,7 @@ class OMLConfig:
     first_order: bool = MISSING
     meta_max_minutes: float | None = positive(None)
     stream_optimizer: str = choice("adam", "sgd", default="adam")
+    stream_outputs: str = choice("all", "seen", default="all")  # the stream loss's softmax
 
 
 @dataclass
@@ -177,6 +178,7 @@ class ANMLConfig:
     first_order: bool = MISSING
     meta_max_minutes: float | None = positive(None)
     stream_optimizer: str = choice("adam", "sgd", default="adam")
+    stream_outputs: str = choice("all", "seen", default="all")  # the stream loss's softmax
 
 
 @dataclass
@@ -214,6 +216,7 @@ class PretrainedConfig:
     lr_decay_every: int = at_least(0)
     meta_max_minutes: float | None = positive(None)
     stream_optimizer: str = choice("adam", "sgd", default="adam")
+    stream_outputs: str = choice("all", "seen", default="all")  # the stream loss's softmax
 
 
 @dataclass

@@ -49,7 +49,7 @@ class ANML(OnlineHead):
             its features to one gate per PLN feature.
         lr: the continual-phase learning rate of the head.
         fast_lr, meta_lr, meta_iterations, trajectory_shots, remember_size, first_order,
-        meta_max_minutes, stream_optimizer: as above.
+        meta_max_minutes, stream_optimizer, stream_outputs: as above.
     """
 
     capabilities = StreamCapabilities(
@@ -77,6 +77,7 @@ class ANML(OnlineHead):
         first_order: bool = True,
         meta_max_minutes: float | None = None,
         stream_optimizer: str = "adam",
+        stream_outputs: str = "all",
         task: TaskKind = CLASSIFICATION,
     ):
         nm = ConvNet(input_shape, nm_channels, pools=nm_pools, norm=nm_norm, init="kaiming_normal")
@@ -84,8 +85,9 @@ class ANML(OnlineHead):
         nn.init.kaiming_normal_(gate.weight, nonlinearity="relu")
         nn.init.zeros_(gate.bias)
         super().__init__(
-            backbone, n_classes, input_shape, seed, lr, meta_lr, stream_optimizer, task
-        )
+            backbone, n_classes, input_shape, seed, lr, meta_lr, stream_optimizer,
+            stream_outputs, task,
+        )  # fmt: skip
         self.neuromodulation = nn.Sequential(nm, gate, nn.Sigmoid())
         self.optimizer = self.make_optimizer()  # now with the NM network's parameters
         self.fast_lr, self.first_order = fast_lr, first_order

@@ -64,6 +64,9 @@ class OML(OnlineHead):
         first_order: drop the second-order terms of the inner steps.
         meta_max_minutes: a time budget for meta-training.
         stream_optimizer: ``adam`` (the authors' evaluation) or ``sgd`` for the head.
+        stream_outputs: ``all`` (the authors' evaluation: the stream's loss is the
+            cross-entropy over every output of the head, as in meta-training) or ``seen``
+            (over the classes seen so far).
     """
 
     capabilities = StreamCapabilities(needs_meta_training=True, frozen_embedding=True)
@@ -85,11 +88,13 @@ class OML(OnlineHead):
         first_order: bool = False,
         meta_max_minutes: float | None = None,
         stream_optimizer: str = "adam",
+        stream_outputs: str = "all",
         task: TaskKind = CLASSIFICATION,
     ):
         super().__init__(
-            backbone, n_classes, input_shape, seed, lr, meta_lr, stream_optimizer, task
-        )
+            backbone, n_classes, input_shape, seed, lr, meta_lr, stream_optimizer,
+            stream_outputs, task,
+        )  # fmt: skip
         self.fast_lr, self.first_order = fast_lr, first_order
         self.meta_iterations, self.meta_max_minutes = meta_iterations, meta_max_minutes
         self.shape = (trajectory_classes, trajectory_shots, query_shots)

@@ -28,6 +28,10 @@ class OnlineHead(ContinualLearner):
     networks) and learns every example with ``stream_optimizer`` (Adam, as OML's and ANML's
     evaluation code, or SGD) at the continual-phase learning rate ``lr``; the rest of the
     network is fixed (evaluated with running batch-norm statistics, where it has any).
+    ``stream_outputs``: the stream's loss is the cross-entropy over every output of the head
+    (``all``, as OML's and ANML's evaluation code and their meta-training inner loops; a
+    class's row is pushed up from its first example on) or over the classes seen so far
+    (``seen``; the first class of a stream then learns nothing until a second arrives).
     Subclasses meta-train the representation (:meth:`pretrain`) and may change what the
     head sees (:meth:`embed`)."""
 
@@ -42,10 +46,14 @@ class OnlineHead(ContinualLearner):
         lr: float = 1e-3,
         meta_lr: float = 1e-3,
         stream_optimizer: str = "adam",
+        stream_outputs: str = "all",
         task: TaskKind = CLASSIFICATION,
     ):
+        if stream_outputs not in ("all", "seen"):
+            raise ValueError(f"stream_outputs={stream_outputs!r}: use 'all' or 'seen'")
         super().__init__(backbone, n_classes, input_shape, seed, lr=meta_lr, task=task)
         self.stream_lr, self.stream_optimizer = lr, stream_optimizer
+        self.stream_outputs = stream_outputs
         self.meta_lr = meta_lr
         self.streaming = False
         self.stream_rows: int | None = None
@@ -66,12 +74,13 @@ class OnlineHead(ContinualLearner):
         self.optimizer = self.make_optimizer()
 
     def stream_parameters(self) -> list[nn.Parameter]:
-        """What the stream trains: the head's first ``stream_rows`` rows (weight and bias),
-        as parameters that share the head's memory, or the whole head. Outputs outside the
-        stream's classes never get a gradient, so neither Adam nor SGD would move them;
-        leaving them out of the optimiser only saves their cost (a 963-row head at N = 10)."""
+        """What the stream trains: with ``stream_outputs="seen"``, the head's first
+        ``stream_rows`` rows (weight and bias), as parameters that share the head's memory;
+        otherwise the whole head. Outputs outside the stream's classes then never get a
+        gradient, so neither Adam nor SGD would move them; leaving them out of the optimiser
+        only saves their cost (a 792-row head at N = 10)."""
         rows = self.stream_rows
-        if rows is None or rows >= self.head.out_features:
+        if self.stream_outputs == "all" or rows is None or rows >= self.head.out_features:
             return list(self.head.parameters())
         return [nn.Parameter(p.detach()[:rows]) for p in (self.head.weight, self.head.bias)]
 
@@ -87,7 +96,9 @@ class OnlineHead(ContinualLearner):
     def observe_embedded(self, z, y, classes, score=True):  # the loss needs the scores
         self.head.train()
         weight, bias = self.optimizer.param_groups[0]["params"]  # the rows the stream trains
-        logits = self.in_play(F.linear(z.float(), weight, bias), classes)
+        logits = F.linear(z.float(), weight, bias)
+        if self.stream_outputs == "seen":
+            logits = self.in_play(logits, classes)
         loss = self.task.loss(logits, y)
         self._step(loss, "training")
         return loss.item(), self.task.score(logits.detach(), y).item()
@@ -123,6 +134,7 @@ class Pretrained(OnlineHead):
         meta_lr, meta_iterations, batch_size, lr_decay_every: the pre-training.
         meta_max_minutes: a time budget for the pre-training.
         stream_optimizer: ``adam`` or ``sgd`` for the head in the stream.
+        stream_outputs: ``all`` or ``seen`` (:class:`OnlineHead`).
     """
 
     def __init__(
@@ -138,11 +150,13 @@ class Pretrained(OnlineHead):
         lr_decay_every: int = 2000,
         meta_max_minutes: float | None = None,
         stream_optimizer: str = "adam",
+        stream_outputs: str = "all",
         task: TaskKind = CLASSIFICATION,
     ):
         super().__init__(
-            backbone, n_classes, input_shape, seed, lr, meta_lr, stream_optimizer, task
-        )
+            backbone, n_classes, input_shape, seed, lr, meta_lr, stream_optimizer,
+            stream_outputs, task,
+        )  # fmt: skip
         self.meta_iterations, self.meta_max_minutes = meta_iterations, meta_max_minutes
         self.batch_size, self.lr_decay_every = batch_size, lr_decay_every
 
