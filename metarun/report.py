@@ -806,24 +806,16 @@ def report(
         _write_csv(out / f"runs{suffix}.csv", run_csv)
         _write_csv(out / f"groups{suffix}.csv", group_csv)
         written += [out / f"runs{suffix}.csv", out / f"groups{suffix}.csv"]
-    streams = [r for r in runs if r.continual]
-    if streams:
-        text, run_csv, group_csv = continual_tables(
-            streams, [g for g in groups if g.first.continual]
-        )
+    for kind, tables in (("continual", continual_tables), ("benchmark", benchmark_tables)):
+        these = [r for r in runs if r.kind == kind]
+        if not these:
+            continue
+        text, run_csv, group_csv = tables(these, [g for g in groups if g.first.kind == kind])
         sections.append(text)
-        _write_csv(out / "continual_runs.csv", run_csv)
-        _write_csv(out / "continual_groups.csv", group_csv)
-        written += [out / "continual_runs.csv", out / "continual_groups.csv"]
+        for name, rows in (("runs", run_csv), ("groups", group_csv)):
+            _write_csv(out / f"{kind}_{name}.csv", rows)
+            written.append(out / f"{kind}_{name}.csv")
     benchmarks = [r for r in runs if r.benchmark]
-    if benchmarks:
-        text, run_csv, group_csv = benchmark_tables(
-            benchmarks, [g for g in groups if g.first.benchmark]
-        )
-        sections.append(text)
-        _write_csv(out / "benchmark_runs.csv", run_csv)
-        _write_csv(out / "benchmark_groups.csv", group_csv)
-        written += [out / "benchmark_runs.csv", out / "benchmark_groups.csv"]
     if unfinished:
         sections.append(
             "### Run folders without results.json (failed, stopped or still running)\n\n"
