@@ -341,6 +341,21 @@ def _label(groups: list[Group], ignore: tuple[str, ...]) -> None:
         if "tested" in g.first.results:
             parts.append("tested again")
         g.label = ",".join(parts)
+    # Groups of one algorithm that differ only under such a node would share a label: for
+    # them, the keys that tell them apart.
+    alike: dict[tuple[str, str], list[tuple[Group, dict]]] = {}
+    for g, flat in zip(groups, flats, strict=True):
+        alike.setdefault((g.first.algorithm, g.label), []).append((g, flat))
+    for members in alike.values():
+        keys = [
+            k
+            for k in differing
+            if k not in shown and len({json.dumps(f.get(k), default=str) for _, f in members}) > 1
+        ]
+        for g, flat in members:
+            g.label = ",".join(
+                [g.label] * bool(g.label) + [f"{k}={flat[k]}" for k in keys if k in flat]
+            )
 
 
 # ---------------------------------------------------------------------------- tables

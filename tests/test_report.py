@@ -279,6 +279,13 @@ def test_benchmark_runs_report_accuracy_against_n_over_seeds(tmp_path):
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "out" / "accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
         assert not (tmp_path / "out" / "report.png").exists()  # no other kind of run
+    # A run of the same method that differs only in its algo options gets its own label.
+    _benchmark_run(tmp_path / "runs" / "wide", 0, "SBMCL", {10: 0.99, 600: 0.88})
+    wide = json.loads((tmp_path / "runs" / "wide" / "results.json").read_text())
+    wide["config"]["algo"]["ways"] = 200
+    (tmp_path / "runs" / "wide" / "results.json").write_text(json.dumps(wide))
+    labels = {g.first.name: g.label for g in group_runs(find_runs([tmp_path / "runs"])[0])}
+    assert labels["wide"] == "algo.ways=200" and labels["proto"] == ""
     # Streams of another shape are not averaged with these.
     _benchmark_run(tmp_path / "runs" / "sb2", 2, "SBMCL", {10: 0.9, 600: 0.8}, train_shots=10)
     with pytest.raises(ReportError, match="train_shots: 15 against 10"):
