@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,8 +213,6 @@ def accuracy_vs_n(
     """Curves of a metric against N (e.g. the meta-continual Omniglot benchmark's N = 10,
     50, 100, 200, 600 classes), one per series (``{"OML meta-test train": [(N, mean, ci95),
     ...]}``), each with its 95% confidence band. ``percent`` scales fractions to percent."""
-    import textwrap
-
     labels = {name: textwrap.fill(name, 90) for name in series}
     legend_lines = sum(label.count("\n") + 1 for label in labels.values())
     fig = _figure(7.0, 4.0 + 0.2 * legend_lines)

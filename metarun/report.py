@@ -830,7 +830,7 @@ def report(
         for name, rows in (("runs", run_csv), ("groups", group_csv)):
             _write_csv(out / f"{kind}_{name}.csv", rows)
             written.append(out / f"{kind}_{name}.csv")
-    benchmarks = [r for r in runs if r.benchmark]
+    benchmarks = any(r.benchmark for r in runs)
     if unfinished:
         sections.append(
             "### Run folders without results.json (failed, stopped or still running)\n\n"
