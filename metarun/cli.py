@@ -64,7 +64,7 @@ def _main(cfg: DictConfig) -> float | None:
                 "resume= continues training and test= tests a trained run: give one of them."
             )
         if cfg.test:  # no training: test a trained run again, into this new run folder
-            from metarun.recipes.meta_learning import retest
+            from metarun.recipes import retest
 
             retest(cfg, overrides, hydra_cfg.runtime.output_dir)
             return None
@@ -97,6 +97,16 @@ def _main(cfg: DictConfig) -> float | None:
         return None
     objective = summary["val/acc"] if "val/acc" in summary else summary["val/mse"]  # regression
     return None if math.isnan(objective) else objective  # NaN: no validation ran
+
+
+def _carried(arg: str) -> str:
+    """With ``test=RUN``, ``scenario.sizes=[600]`` -> ``++scenario.sizes=[600]``: a tested
+    run's scenario and method come from its checkpoint, not from the groups this command
+    line composes (no scenario by default), so Hydra is asked to add such a key to carry its
+    value to :func:`metarun.recipes.retest`, which checks it against the tested run."""
+    if arg.startswith(("scenario.", "algo.")) and "=" in arg:
+        return "++" + arg
+    return arg
 
 
 def _key(override: str) -> str:
@@ -224,6 +234,8 @@ def main() -> None:
     ):
         # A resumed run logs into its own folder's metarun.log, and Hydra makes no new one.
         sys.argv += [f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
+    if any(arg.startswith("test=") for arg in sys.argv[1:]):
+        sys.argv[1:] = [_carried(arg) for arg in sys.argv[1:]]
     if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:  # folders named by what differs
         sys.argv += sweep_overrides(sys.argv[1:])
     _main()

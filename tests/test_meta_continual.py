@@ -549,6 +549,7 @@ SHORT = {  # every benchmark method with a few meta-training steps
     "pretrained": ["algo.meta_iterations=10", "algo.batch_size=32"],
     "oml": ["algo.meta_iterations=10"],
     "anml": ["algo.meta_iterations=10", "algo.nm_channels=[8,8,8]", "algo.trajectory_shots=5"],
+    "naive": [],  # no meta-training; the whole network learns in each stream
 }
 
 
@@ -569,7 +570,8 @@ def test_a_benchmark_stopped_mid_stream_resumes_to_the_same_table(
     whole = run(make_cfg(*overrides, tiny=False), tmp_path / "whole")
     cls = methods.__dict__[make_cfg(*overrides).algo._target_.rsplit(".", 1)[-1]]
     with monkeypatch.context() as patch:
-        interrupt_after(patch, cls, 100, method="observe_embedded")
+        frozen = cls.capabilities.frozen_embedding
+        interrupt_after(patch, cls, 100, method="observe_embedded" if frozen else "observe")
         with pytest.raises(RunInterrupted):
             run(make_cfg(*overrides, tiny=False), tmp_path / "split")
     assert not (tmp_path / "split" / "results.json").exists()
@@ -578,6 +580,51 @@ def test_a_benchmark_stopped_mid_stream_resumes_to_the_same_table(
     resumed = run(make_cfg(f"resume={tmp_path / 'split'}", tiny=False), tmp_path / "ignored")
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "split"))
     assert a["meta_test"] == b["meta_test"] and resumed == pytest.approx(whole, nan_ok=True)
+
+
+def test_test_runs_a_benchmarks_streams_again_from_its_meta_trained_state(make_cfg, tmp_path):
+    """``metarun test=RUN`` on a benchmark run: the same streams give the same table (the
+    meta-trained state is restored, not the state after its last stream), a third draw
+    is added by ``scenario.draws=3``, ``algo.stream_outputs=seen`` changes the results, and
+    the tested run's files are left as they were. Meta-training options and a run whose
+    meta-training has not finished are refused."""
+    from metarun import run
+    from metarun.errors import ConfigError
+    from metarun.recipes import retest
+    from tests.test_cli import metarun
+
+    run(make_cfg(*tiny_benchmark("oml", *SHORT["oml"]), tiny=False), tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    own = json.loads((tmp_path / "run" / "results.json").read_text())["meta_test"]["10"]
+
+    def again(name: str, *overrides: str) -> dict:
+        out = tmp_path / name
+        done = metarun(f"test={tmp_path / 'run'}", *overrides, f"hydra.run.dir={out}",
+                       "hardware.num_threads=1", cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads((out / "results.json").read_text())
+
+    more = again("more", "scenario.draws=3")
+    assert more["tested"] == {
+        "checkpoint": str(tmp_path / "run" / "checkpoints" / "last.pt"),
+        "meta_iterations": 10,
+    }
+    entry = more["meta_test"]["10"]
+    assert entry["selection"] == own["selection"] and entry["lr"] == own["lr"]
+    assert entry["test"]["values"][:2] == own["test"]["values"]
+    assert len(entry["test"]["values"]) == 3 and more["config"]["scenario"]["draws"] == 3
+    seen = again("seen", "algo.stream_outputs=seen")["meta_test"]["10"]
+    assert seen["selection"] != own["selection"]
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+    refused = metarun(f"test={tmp_path / 'run'}", "algo.meta_lr=0.1", cwd=tmp_path)
+    assert refused.returncode == 2 and "algo.meta_lr cannot change" in refused.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["stream"]["meta_iteration"] = 3
+    torch.save(ckpt, tmp_path / "early.pt")
+    cfg = make_cfg(f"test={tmp_path / 'early.pt'}", tiny=False)
+    with pytest.raises(ConfigError, match="meta-training stopped at step 3 of 10"):
+        retest(cfg, [f"test={tmp_path / 'early.pt'}"], tmp_path / "early")
 
 
 def test_meta_training_in_bf16_is_mixed_precision_and_learns(make_cfg, tmp_path):

@@ -133,9 +133,11 @@ def learn_stream(
     hardware: Any,
     order_seed: int,
 ) -> dict[str, float]:
-    """Restores the meta-trained state, learns ``stream`` one image per update (class after
-    class; a ``cumulative`` learner, joint training, sees the same images in a shuffled
-    order), and returns its meta-test test and train accuracies."""
+    """Restores the meta-trained state ``snapshot``, learns ``stream`` one image per update
+    (class after class; a ``cumulative`` learner, joint training, sees the same images in a
+    shuffled order), restores ``snapshot`` again (a checkpoint written after the stream must
+    hold the state every stream starts from), and returns its meta-test test and train
+    accuracies."""
     if snapshot is not None:  # learners that change more than a head: back to the start
         method.load_state_dict(snapshot)
     n, shots = stream.train.shape
@@ -166,10 +168,13 @@ def learn_stream(
                 return inputs[idx.to(inputs.values.device)], torch.full((idx.numel(),), c)
 
             method.end_task(sample, classes)
-    return {
+    result = {
         "test": _accuracy(method, inputs, stream.test, hardware),
         "train": _accuracy(method, inputs, stream.train, hardware),
     }
+    if snapshot is not None:  # a checkpoint written now holds the meta-trained state
+        method.load_state_dict(snapshot)
+    return result
 
 
 Progress = Callable[[str, dict[str, Any]], bool]

@@ -85,3 +85,27 @@ def run(
         if err.__cause__ is None:
             raise
         raise err.__cause__ from None
+
+
+def retest(cfg: DictConfig, overrides: Sequence[str], run_dir: Path | str) -> None:
+    """``metarun test=RUN``: tests a trained run again into the new folder ``run_dir``,
+    with the recipe that trained it (a meta-learning run on more or other test episodes; a
+    meta-continual benchmark run on its streams again, from its meta-trained state).
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``cfg.test``.
+    """
+    from metarun import checkpoint
+
+    try:
+        path = checkpoint.pick(Path(cfg.test))
+    except FileNotFoundError:  # the meta-learning test checks the options, then says so
+        path = None
+    if path is not None and checkpoint.load(path).get("recipe") == "continual":
+        from metarun.recipes import continual
+
+        continual.retest(cfg, path, overrides, run_dir)
+    else:
+        from metarun.recipes import meta_learning
+
+        meta_learning.retest(cfg, overrides, run_dir)

@@ -25,14 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun import checkpoint
 from metarun.checkpoint import LAST
-from metarun.checks import check_continual
+from metarun.checks import check_continual, target_class
 from metarun.continual import meta_test
 from metarun.continual.methods import ContinualLearner, masked_logits
 from metarun.continual.metrics import summarize
-from metarun.continual.scenarios import MetaTestBenchmark, Scenario, draw
+from metarun.continual.scenarios import MetaTestBenchmark, Scenario, draw, omniglot_meta_continual
+from metarun.errors import ConfigError
 from metarun.hparams import log_run
 from metarun.metrics import RunLogger
-from metarun.recipes.resume import resume
+from metarun.recipes.resume import resume, resumed_config
 from metarun.run_control import (
     RunFolder,
     StopFlag,
@@ -56,6 +57,23 @@ RESUME_KEYS = (
 )
 """What ``metarun resume=RUN key=value`` may change in a stream: the learning rates, the
 hardware and the data folders; the scenario, the model and the method stay."""
+
+RETEST_KEYS = (
+    "scenario.sizes",
+    "scenario.draws",
+    "scenario.selection_draws",
+    "scenario.lr_grid",
+    "scenario.seed",
+    "algo.stream_outputs",
+    "hardware",
+    "log_every",
+    "checkpoint_every",
+    "data_dir",
+    "cache_dir",
+)
+"""What ``metarun test=RUN key=value`` may change when it runs a meta-continual benchmark's
+streams again from RUN's meta-trained state: which streams (sizes, draws, seed), the rates
+to choose from, how the stream trains the head, the hardware and the data folders."""
 
 
 @dataclass
@@ -155,14 +173,93 @@ def run(
         return _stream(cfg, folder, saved, changes, started_at)
 
 
+def retest(
+    cfg: DictConfig, path: Path, overrides: Sequence[str], run_dir: Path | str
+) -> dict[str, float]:
+    """Runs the streams of a meta-continual benchmark run again from its meta-trained state,
+    without meta-training: ``metarun test=RUN algo.stream_outputs=seen`` or ``metarun
+    test=RUN 'scenario.sizes=[600]' scenario.draws=20``. The run's saved config is used,
+    changed only by the :data:`RETEST_KEYS` in ``overrides`` (the command line's); the data
+    folders are this machine's when set. Writes a new run folder ``run_dir`` (the tested run
+    is left as it is; an interrupted test continues with ``resume=``) whose
+    ``results.json`` names the tested checkpoint under ``tested``.
+
+    Args:
+        cfg: the command line's config (``cfg.test`` names the run).
+        path: the tested run's ``last.pt``.
+        overrides: the command line's overrides.
+        run_dir: the new run folder.
+
+    Raises:
+        ConfigError: an override outside :data:`RETEST_KEYS` or not an option of the run's
+            method, a run that is not a benchmark run, or one whose meta-training has not
+            finished.
+    """
+    started_at = time.perf_counter()
+    saved = checkpoint.load(path)
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("test=")]
+    for key in keys:
+        if not any(key == a or key.startswith(f"{a}.") for a in RETEST_KEYS):
+            raise ConfigError(
+                f"test= runs a benchmark run's streams again from its meta-trained state, so "
+                f"{key} cannot change; test= may change {', '.join(RETEST_KEYS)}. Start a new "
+                f"run to change the rest."
+            )
+    keys += [k for k in ("data_dir", "cache_dir") if cfg[k] is not None and k not in keys]
+    test_cfg, _ = resumed_config(cfg, saved, keys, RETEST_KEYS, path.parent.parent)
+    tested = checkpoint.saved_config(saved, path)
+    for key in keys:
+        if key.startswith(("scenario.", "algo.")) and OmegaConf.select(tested, key) is None:
+            raise ConfigError(
+                f"{key} is not an option of the tested run's {key.split('.')[0]} "
+                f"({tested[key.split('.')[0]]._target_.rsplit('.', 1)[-1]})."
+            )
+    test_cfg.resume, test_cfg.test = None, str(path)
+    check_continual(test_cfg)
+    if target_class(test_cfg.scenario) is not omniglot_meta_continual:
+        raise ConfigError(
+            f"{path} is a task stream, not a meta-continual benchmark run: its checkpoint "
+            f"holds the learner after its stream, and its results.json has the stream's "
+            f"evaluation. test= runs a benchmark's streams again (scenario="
+            f"omniglot_meta_continual); to learn a stream again, start a new run."
+        )
+    done = StreamState(**saved["stream"])
+    meta_iterations = int(test_cfg.algo.get("meta_iterations", 0))
+    if done.meta_iteration < meta_iterations and not done.meta_budget_reached:
+        raise ConfigError(
+            f"{path}'s meta-training stopped at step {done.meta_iteration} of "
+            f"{meta_iterations}: finish it with `metarun resume={path.parent.parent}` "
+            f"(its benchmark then runs), or test it after that."
+        )
+    start = StreamState(
+        meta_iteration=done.meta_iteration,
+        meta_seconds=done.meta_seconds,
+        meta_budget_reached=done.meta_budget_reached,
+    )
+    fresh = {"method": saved["method"], "stream": asdict(start), "rng": saved["rng"]}
+    tested_by = {"checkpoint": str(path), "meta_iterations": done.meta_iteration}
+    run_dir = Path(run_dir).expanduser().resolve()
+    log.info("testing %s (meta-training step %d), run folder %s", path, start.meta_iteration,
+             run_dir)  # fmt: skip
+    with RunFolder(run_dir) as folder:
+        return _stream(test_cfg, folder, fresh, {}, started_at, tested=tested_by)
+
+
 def _stream(
     cfg: DictConfig,
     folder: RunFolder,
     saved: dict | None,
     changes: dict,
     started_at: float,
+    tested: dict[str, Any] | None = None,
 ) -> dict[str, float]:
+    """Learns ``cfg``'s stream (or benchmark) into ``folder``: from the start, from
+    ``saved`` (a resumed run, with ``changes``), or, with ``tested`` (``metarun test=``),
+    from another run's meta-trained state in ``saved``."""
     run_dir = folder.path
+    resumed = saved is not None and tested is None
+    if resumed:  # a test= run that was interrupted keeps naming what it tests
+        tested = saved.get("tested")
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     hardware = instantiate(cfg.hardware)
     torch.manual_seed(cfg.seed)
@@ -181,7 +278,7 @@ def _stream(
     if benchmark:  # many short streams after one meta-training (continual/meta_test.py)
         T, plan, sizes = 0, [], []
         streams = len(scenario.sizes) * scenario.draws
-        total = method.meta_iterations + streams
+        total = (0 if tested else method.meta_iterations) + streams
     else:
         T = len(scenario.tasks)
         sizes = [
@@ -199,7 +296,7 @@ def _stream(
         resumes = list(saved.get("resumes", []))
         if changes:
             resumes.append({"iteration": state.iteration, "overrides": changes})
-    if saved is None or changes:
+    if not resumed or changes:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     def save() -> None:
@@ -215,6 +312,7 @@ def _stream(
             method=method.state_dict(),
             stream=asdict(state),
             resumes=resumes,
+            **({"tested": tested} if tested else {}),
         )
 
     logger = RunLogger(run_dir, total, state.iteration, cfg.log_every, cfg.get("logger"))
@@ -240,7 +338,7 @@ def _stream(
                     raise stop.interrupted(run_dir, state.iteration)
                 return _benchmark_results(
                     folder, cfg, config, scenario, method, state, results, logger, hardware,
-                    resumes, None if saved else startup_s,
+                    resumes, None if resumed else startup_s, tested,
                 )  # fmt: skip
             if state.initial is None:  # b[j]: before any update on the stream
                 method.begin_stream(None)
@@ -305,7 +403,7 @@ def _stream(
                 "updates": state.iteration,
                 "meta_iterations": state.meta_iteration,
                 "seconds": round(state.train_seconds, 1),
-                "startup_seconds": None if saved else round(startup_s, 2),
+                "startup_seconds": None if resumed else round(startup_s, 2),
                 **machine(hardware),
             },
             **({"resumes": resumes} if resumes else {}),
@@ -408,6 +506,7 @@ def _benchmark_results(
     hardware: Any,
     resumes: list,
     startup_s: float | None,
+    tested: dict[str, Any] | None,
 ) -> dict[str, float]:
     """Logs and writes the benchmark's table (accuracy against N, with 95% CIs) and its
     figure; returns the summary metrics."""
@@ -473,6 +572,7 @@ def _benchmark_results(
                 "startup_seconds": None if startup_s is None else round(startup_s, 2),
                 **machine(hardware),
             },
+            **({"tested": tested} if tested else {}),
             **({"resumes": resumes} if resumes else {}),
             "versions": versions(),
             "config": config,
