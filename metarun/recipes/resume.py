@@ -34,6 +34,7 @@ def resumed_config(
     keys: Sequence[str],
     allowed: Sequence[str],
     run_dir: Path,
+    why: str = "resume continues a run with the config saved in its checkpoint",
 ) -> tuple[DictConfig, dict[str, Any]]:
     """The config saved in ``saved`` (a loaded ``last.pt``), with the value of each of
     ``keys`` taken from ``cfg``; returns it and the values that changed (recorded in
@@ -41,16 +42,15 @@ def resumed_config(
 
     Raises:
         ConfigError: a key outside ``allowed`` (an exact key, or a group such as
-            ``hardware`` that covers its sub-keys).
+            ``hardware`` that covers its sub-keys); the message starts with ``why``.
     """
     resumed = checkpoint.saved_config(saved, run_dir / "checkpoints" / checkpoint.LAST)
     changes: dict[str, Any] = {}
     for key in keys:
         if not any(key == a or key.startswith(f"{a}.") for a in allowed):
             raise ConfigError(
-                f"resume continues a run with the config saved in its checkpoint, so {key} "
-                f"cannot change; a resumed run may change {', '.join(allowed)}. Start a new "
-                f"run (without resume=) to change the rest."
+                f"{why}, so {key} cannot change; only {', '.join(allowed)} can. Start a new "
+                f"run to change the rest."
             )
         new, old = OmegaConf.select(cfg, key), OmegaConf.select(resumed, key)
         if isinstance(new, DictConfig):
