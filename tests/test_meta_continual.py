@@ -586,8 +586,8 @@ def test_test_runs_a_benchmarks_streams_again_from_its_meta_trained_state(make_c
     """``metarun test=RUN`` on a benchmark run: the same streams give the same table (the
     meta-trained state is restored, not the state after its last stream), a third draw
     is added by ``scenario.draws=3``, ``algo.stream_outputs=seen`` changes the results, and
-    the tested run's files are left as they were. Meta-training options and a run whose
-    meta-training has not finished are refused."""
+    the tested run's files are left as they were. Meta-training options, a run whose
+    meta-training has not finished and a task stream's run are refused."""
     from metarun import run
     from metarun.errors import ConfigError
     from metarun.recipes import retest
@@ -625,6 +625,11 @@ def test_test_runs_a_benchmarks_streams_again_from_its_meta_trained_state(make_c
     cfg = make_cfg(f"test={tmp_path / 'early.pt'}", tiny=False)
     with pytest.raises(ConfigError, match="meta-training stopped at step 3 of 10"):
         retest(cfg, [f"test={tmp_path / 'early.pt'}"], tmp_path / "early")
+    ckpt["config"]["scenario"]["_target_"] = "metarun.continual.scenarios.split_mnist"
+    torch.save(ckpt, tmp_path / "stream.pt")
+    cfg = make_cfg(f"test={tmp_path / 'stream.pt'}", tiny=False)
+    with pytest.raises(ConfigError, match="is a task stream, not a meta-continual benchmark"):
+        retest(cfg, [f"test={tmp_path / 'stream.pt'}"], tmp_path / "stream")
 
 
 def test_meta_training_in_bf16_is_mixed_precision_and_learns(make_cfg, tmp_path):

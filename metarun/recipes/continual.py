@@ -197,11 +197,18 @@ def retest(
     """
     started_at = time.perf_counter()
     saved = checkpoint.load(path)
+    tested = checkpoint.saved_config(saved, path)
+    if target_class(tested.scenario) is not omniglot_meta_continual:
+        raise ConfigError(
+            f"{path} is a task stream, not a meta-continual benchmark run: its checkpoint "
+            f"holds the learner after its stream, and its results.json has the stream's "
+            f"evaluation. test= runs a benchmark's streams again (scenario="
+            f"omniglot_meta_continual); to learn a stream again, start a new run."
+        )
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("test=")]
     keys += [k for k in ("data_dir", "cache_dir") if cfg[k] is not None and k not in keys]
     why = "test= runs a benchmark run's streams again from its meta-trained state"
     test_cfg, _ = resumed_config(cfg, saved, keys, RETEST_KEYS, path.parent.parent, why)
-    tested = checkpoint.saved_config(saved, path)
     for key in keys:
         if key.startswith(("scenario.", "algo.")) and OmegaConf.select(tested, key) is None:
             raise ConfigError(
@@ -210,13 +217,6 @@ def retest(
             )
     test_cfg.resume, test_cfg.test = None, str(path)
     check_continual(test_cfg)
-    if target_class(test_cfg.scenario) is not omniglot_meta_continual:
-        raise ConfigError(
-            f"{path} is a task stream, not a meta-continual benchmark run: its checkpoint "
-            f"holds the learner after its stream, and its results.json has the stream's "
-            f"evaluation. test= runs a benchmark's streams again (scenario="
-            f"omniglot_meta_continual); to learn a stream again, start a new run."
-        )
     done = StreamState(**saved["stream"])
     meta_iterations = int(test_cfg.algo.get("meta_iterations", 0))
     if done.meta_iteration < meta_iterations and not done.meta_budget_reached:
