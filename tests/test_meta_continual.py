@@ -370,6 +370,21 @@ def test_benchmark_streams_show_each_training_drawing_once_in_class_order(bench)
     assert torch.equal(stream.classes, meta_test.draw_stream(bench.evaluation, 20, 15, 7).classes)
 
 
+@pytest.mark.parametrize("learner", ["prototypes", "pretrained"])
+def test_stream_count_is_the_number_of_streams_the_benchmark_learns(bench, learner):
+    """The runner's progress total: with a rate to choose (pretrained: 2 sizes x 2 rates x
+    1 selection draw, then 2 sizes x 2 draws) and without (prototypes: 4 streams)."""
+    from metarun.continual import meta_test
+    from metarun.continual.methods import Pretrained
+
+    cls = {"prototypes": Prototypes, "pretrained": Pretrained}[learner]
+    method = cls(Flat(28 * 28), bench.n_classes, bench.input_shape, seed=0)
+    keys: list[str] = []
+    meta_test.run_benchmark(method, bench, _CPU, {}, lambda key, result: keys.append(key))
+    assert len(keys) == len(set(keys)) == meta_test.stream_count(method, bench)
+    assert len(keys) == {"prototypes": 4, "pretrained": 8}[learner]
+
+
 def test_selection_characters_are_held_out_of_meta_training_and_evaluation(bench):
     names = {
         part: set(getattr(bench, part).class_names)

@@ -182,6 +182,22 @@ Progress = Callable[[str, dict[str, Any]], bool]
 ``evaluation/600/3``) and result; the recipe records it (resume) and says whether to stop."""
 
 
+def stream_count(method: ContinualLearner, bench: MetaTestBenchmark) -> int:
+    """How many streams :func:`run_benchmark` learns: the selection streams (each rate of
+    the grid, on ``min(N, held-out characters)`` classes: sizes beyond the held-out set
+    share them) and the reported ones."""
+    selection = 0
+    if _chooses_rate(method, bench):
+        sizes = {min(n, bench.selection.n_classes) for n in bench.sizes}
+        selection = len(sizes) * len(bench.lr_grid) * bench.selection_draws
+    return selection + len(bench.sizes) * bench.draws
+
+
+def _chooses_rate(method: ContinualLearner, bench: MetaTestBenchmark) -> bool:
+    """Whether the benchmark chooses ``method``'s continual-phase rate from ``lr_grid``."""
+    return method.capabilities.stream_lr and len(bench.lr_grid) > 1
+
+
 def run_benchmark(
     method: ContinualLearner,
     bench: MetaTestBenchmark,
@@ -194,7 +210,7 @@ def run_benchmark(
     ``progress`` asked to stop."""
     frozen = method.capabilities.frozen_embedding
     snapshot = None if frozen else copy.deepcopy(method.state_dict())
-    tune = method.capabilities.stream_lr and len(bench.lr_grid) > 1
+    tune = _chooses_rate(method, bench)
     chosen: dict[int, float | None] = {}
     if tune:
         inputs = prepare_inputs(method, bench.selection, hardware)

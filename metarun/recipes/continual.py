@@ -272,7 +272,7 @@ def _stream(
     if benchmark:  # many short streams after one meta-training (continual/meta_test.py)
         T, plan, sizes = 0, [], []
         streams = len(scenario.sizes) * scenario.draws
-        total = (0 if tested else method.meta_iterations) + streams
+        total = (0 if tested else method.meta_iterations) + meta_test.stream_count(method, scenario)
     else:
         T = len(scenario.tasks)
         sizes = [
