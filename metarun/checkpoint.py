@@ -210,8 +210,12 @@ def clean_stale(folder: Path) -> list[Path]:
 
 def load_backbone(backbone: torch.nn.Module, path: Path) -> None:
     """Loads into ``backbone`` the backbone weights of a metarun checkpoint (any
-    algorithm's: ProtoNet keeps them under ``backbone.``, MAML under ``model.0.``)."""
-    state = load(Path(path).expanduser())["algo"]
+    algorithm's: ProtoNet keeps them under ``backbone.``, MAML under ``model.0.``; or a
+    continual method's, e.g. a pretrained or OML encoder after its meta-training)."""
+    ckpt = load(Path(path).expanduser())
+    state = ckpt.get("algo", ckpt.get("method"))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no algorithm or method weights.")
     wanted = backbone.state_dict()
     first = next(iter(wanted))
     prefixes = [key[: -len(first)] for key in state if key.endswith(first)]

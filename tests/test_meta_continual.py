@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate as hydra_instantiate
 from torch import nn
 
 from metarun.continual.methods import ANML, EWC, MER, SBMCL, LaMAML, Prototypes
@@ -645,6 +646,25 @@ def test_test_runs_a_benchmarks_streams_again_from_its_meta_trained_state(make_c
     cfg = make_cfg(f"test={tmp_path / 'stream.pt'}", tiny=False)
     with pytest.raises(ConfigError, match="is a task stream, not a meta-continual benchmark"):
         retest(cfg, [f"test={tmp_path / 'stream.pt'}"], tmp_path / "stream")
+
+
+def test_prototypes_take_the_encoder_of_a_continual_run(make_cfg, tmp_path, data_dir):
+    """``algo=prototypes algo.encoder_checkpoint=RUN/checkpoints/last.pt`` on a pretrained
+    run: the class-mean learner starts from that run's encoder, weight for weight (a probe
+    of the features apart from the online head)."""
+    from metarun import run
+    from metarun.continual.methods import Pretrained
+
+    run(make_cfg(*tiny_benchmark("pretrained", *SHORT["pretrained"]), tiny=False), tmp_path / "p")
+    last = tmp_path / "p" / "checkpoints" / "last.pt"
+    method = torch.load(last, weights_only=True)["method"]
+    cfg = make_cfg(*tiny_benchmark("prototypes"), f"algo.encoder_checkpoint={last}", tiny=False)
+    backbone = hydra_instantiate(cfg.model)(input_shape=(1, 28, 28))
+    protos = hydra_instantiate(cfg.algo)(backbone=backbone, n_classes=10,
+                                         input_shape=(1, 28, 28), seed=1)  # fmt: skip
+    assert isinstance(protos, Prototypes) and not isinstance(protos, Pretrained)
+    for key, value in protos.backbone.state_dict().items():
+        assert torch.equal(value, method[f"backbone.{key}"]), key
 
 
 def test_meta_training_in_bf16_is_mixed_precision_and_learns(make_cfg, tmp_path):
