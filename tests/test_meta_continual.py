@@ -603,7 +603,8 @@ def test_test_runs_a_benchmarks_streams_again_from_its_meta_trained_state(make_c
     meta-trained state is restored, not the state after its last stream), a third draw
     is added by ``scenario.draws=3``, ``algo.stream_outputs=seen`` changes the results, and
     the tested run's files are left as they were. Meta-training options, a run whose
-    meta-training has not finished and a task stream's run are refused."""
+    meta-training has not finished and a task stream's run are refused. A test= run
+    stopped by Ctrl-C and resumed writes the same table and still names what it tested."""
     from metarun import run
     from metarun.errors import ConfigError
     from metarun.recipes import retest
@@ -646,6 +647,21 @@ def test_test_runs_a_benchmarks_streams_again_from_its_meta_trained_state(make_c
     cfg = make_cfg(f"test={tmp_path / 'stream.pt'}", tiny=False)
     with pytest.raises(ConfigError, match="is a task stream, not a meta-continual benchmark"):
         retest(cfg, [f"test={tmp_path / 'stream.pt'}"], tmp_path / "stream")
+
+    # Ctrl-C in a test= run, then resume=: the same table, still naming what it tested.
+    from metarun.continual.methods import OML
+    from metarun.errors import RunInterrupted
+    from tests.test_continual import interrupt_after
+
+    overrides = [f"test={tmp_path / 'run'}", "++scenario.draws=3", "hardware.num_threads=1"]
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, OML, 100, method="observe_embedded")
+        with pytest.raises(RunInterrupted):
+            retest(make_cfg(*overrides, tiny=False), overrides, tmp_path / "cut")
+    assert not (tmp_path / "cut" / "results.json").exists()
+    run(make_cfg(f"resume={tmp_path / 'cut'}", tiny=False), tmp_path / "ignored")
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert cut["meta_test"] == more["meta_test"] and cut["tested"] == more["tested"]
 
 
 def test_prototypes_take_the_encoder_of_a_continual_run(make_cfg, tmp_path, data_dir):
