@@ -133,13 +133,11 @@ def learn_stream(
     hardware: Any,
     order_seed: int,
 ) -> dict[str, float]:
-    """Restores the meta-trained state ``snapshot``, learns ``stream`` one image per update
-    (class after class; a ``cumulative`` learner, joint training, sees the same images in a
-    shuffled order), restores ``snapshot`` again (a checkpoint written after the stream must
-    hold the state every stream starts from), and returns its meta-test test and train
-    accuracies."""
-    if snapshot is not None:  # learners that change more than a head: back to the start
-        method.load_state_dict(snapshot)
+    """Learns ``stream`` one image per update from the meta-trained state (class after
+    class; a ``cumulative`` learner, joint training, sees the same images in a shuffled
+    order), puts back that state, ``snapshot``, for a learner that changes more than a
+    head (so the next stream, and a checkpoint written now, start from it), and returns
+    its meta-test test and train accuracies."""
     n, shots = stream.train.shape
     method.begin_stream(lr, n)
     labels = torch.arange(n).repeat_interleave(shots)
@@ -172,7 +170,7 @@ def learn_stream(
         "test": _accuracy(method, inputs, stream.test, hardware),
         "train": _accuracy(method, inputs, stream.train, hardware),
     }
-    if snapshot is not None:  # a checkpoint written now holds the meta-trained state
+    if snapshot is not None:  # learners that change more than a head: back to the start
         method.load_state_dict(snapshot)
     return result
 

@@ -101,10 +101,11 @@ def retest(cfg: DictConfig, overrides: Sequence[str], run_dir: Path | str) -> No
         path = checkpoint.pick(Path(cfg.test))
     except FileNotFoundError:  # the meta-learning test checks the options, then says so
         path = None
-    if path is not None and checkpoint.load(path).get("recipe") == "continual":
+    saved = None if path is None else checkpoint.load(path)
+    if saved is not None and saved.get("recipe") == "continual":
         from metarun.recipes import continual
 
-        continual.retest(cfg, path, overrides, run_dir)
+        continual.retest(cfg, path, saved, overrides, run_dir)
     else:
         from metarun.recipes import meta_learning
 

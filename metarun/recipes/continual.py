@@ -174,7 +174,7 @@ def run(
 
 
 def retest(
-    cfg: DictConfig, path: Path, overrides: Sequence[str], run_dir: Path | str
+    cfg: DictConfig, path: Path, saved: dict, overrides: Sequence[str], run_dir: Path | str
 ) -> dict[str, float]:
     """Runs the streams of a meta-continual benchmark run again from its meta-trained state,
     without meta-training: ``metarun test=RUN algo.stream_outputs=seen`` or ``metarun
@@ -187,6 +187,7 @@ def retest(
     Args:
         cfg: the command line's config (``cfg.test`` names the run).
         path: the tested run's ``last.pt``.
+        saved: that checkpoint, loaded (:func:`metarun.checkpoint.load`).
         overrides: the command line's overrides.
         run_dir: the new run folder.
 
@@ -196,7 +197,6 @@ def retest(
             finished.
     """
     started_at = time.perf_counter()
-    saved = checkpoint.load(path)
     tested = checkpoint.saved_config(saved, path)
     if target_class(tested.scenario) is not omniglot_meta_continual:
         raise ConfigError(
