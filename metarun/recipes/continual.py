@@ -312,13 +312,13 @@ def _stream(
     logger = RunLogger(run_dir, total, state.iteration, cfg.log_every, cfg.get("logger"))
     try:
         log.info(
-            "%s on %s: %s, %d updates, %s, run folder %s",
+            "%s on %s: %s, %s, run folder %s",
             type(method).__name__,
             scenario.info.get("benchmark", type(scenario).__name__),
-            f"{streams} streams of N = {scenario.sizes}"
+            f"{streams} streams of N = {scenario.sizes}, {total} progress steps "
+            f"(meta-training steps, then streams, rate selection included)"
             if benchmark
-            else f"{T} tasks ({scenario.incremental}-incremental)",
-            total,
+            else f"{T} tasks ({scenario.incremental}-incremental), {total} updates",
             hardware.describe(),
             run_dir,
         )
