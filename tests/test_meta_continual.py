@@ -601,7 +601,8 @@ def test_a_benchmark_stopped_mid_stream_resumes_to_the_same_table(
 def test_test_runs_a_benchmarks_streams_again_from_its_meta_trained_state(make_cfg, tmp_path):
     """``metarun test=RUN`` on a benchmark run: the same streams give the same table (the
     meta-trained state is restored, not the state after its last stream), a third draw
-    is added by ``scenario.draws=3``, ``algo.stream_outputs=seen`` changes the results, and
+    is added by ``scenario.draws=3``, another size run first leaves the N = 10 streams as
+    they were, ``algo.stream_outputs=seen`` changes the results, and
     the tested run's files are left as they were. Meta-training options, a run whose
     meta-training has not finished and a task stream's run are refused. A test= run
     stopped by Ctrl-C and resumed writes the same table and still names what it tested."""
@@ -630,6 +631,10 @@ def test_test_runs_a_benchmarks_streams_again_from_its_meta_trained_state(make_c
     assert entry["selection"] == own["selection"] and entry["lr"] == own["lr"]
     assert entry["test"]["values"][:2] == own["test"]["values"]
     assert len(entry["test"]["values"]) == 3 and more["config"]["scenario"]["draws"] == 3
+    # each stream's randomness (its fresh head) is its own: streams of another size run
+    # first leave the N = 10 streams as they were
+    other = again("other", "scenario.sizes=[5,10]")["meta_test"]
+    assert other["10"] == own and set(other) == {"5", "10"}
     seen = again("seen", "algo.stream_outputs=seen")["meta_test"]["10"]
     assert seen["selection"] != own["selection"]
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before

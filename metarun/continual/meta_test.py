@@ -137,7 +137,29 @@ def learn_stream(
     class; a ``cumulative`` learner, joint training, sees the same images in a shuffled
     order), puts back that state, ``snapshot``, for a learner that changes more than a
     head (so the next stream, and a checkpoint written now, start from it), and returns
-    its meta-test test and train accuracies."""
+    its meta-test test and train accuracies.
+
+    The global random state while the stream is learned (a fresh head's initial weights)
+    is seeded by ``order_seed``, and a learner with a ``snapshot`` starts from it, its
+    sampling generator included; so a stream's result does not depend on which streams
+    ran before it: ``metarun test=`` with other ``scenario.sizes`` reproduces the shared
+    ones, and the rates of the grid are compared on the same initial heads."""
+    device = torch.device(hardware.device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(order_seed)
+        return _learn_stream(method, snapshot, inputs, stream, lr, hardware, order_seed)
+
+
+def _learn_stream(
+    method: ContinualLearner,
+    snapshot: dict | None,
+    inputs: Inputs,
+    stream: Stream,
+    lr: float | None,
+    hardware: Any,
+    order_seed: int,
+) -> dict[str, float]:
     n, shots = stream.train.shape
     method.begin_stream(lr, n)
     labels = torch.arange(n).repeat_interleave(shots)
