@@ -148,52 +148,42 @@ def learn_stream(
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(order_seed)
-        return _learn_stream(method, snapshot, inputs, stream, lr, hardware, order_seed)
+        n, shots = stream.train.shape
+        method.begin_stream(lr, n)
+        labels = torch.arange(n).repeat_interleave(shots)
+        items = stream.train.flatten()
+        if method.cumulative:
+            perm = torch.randperm(
+                items.numel(), generator=torch.Generator().manual_seed(order_seed)
+            )
+            items, labels = items[perm], labels[perm]
+        frozen = method.capabilities.frozen_embedding
+        seen = 0
+        for k in range(items.numel()):
+            y = int(labels[k])
+            seen = max(seen, y + 1)
+            classes = torch.arange(seen if not method.cumulative else n, device=hardware.device)
+            x = inputs[items[k : k + 1].to(inputs.values.device)]
+            target = torch.tensor([y], device=hardware.device)
+            with hardware.autocast():
+                if frozen:
+                    method.observe_embedded(x, target, classes, score=False)
+                else:
+                    method.observe(x, target, classes)
+            last_of_class = k + 1 == items.numel() or int(labels[k + 1]) != y
+            if last_of_class and not method.cumulative:
 
+                def sample(m: int, c: int = y) -> tuple[torch.Tensor, torch.Tensor]:
+                    idx = stream.train[c][:m]
+                    return inputs[idx.to(inputs.values.device)], torch.full((idx.numel(),), c)
 
-def _learn_stream(
-    method: ContinualLearner,
-    snapshot: dict | None,
-    inputs: Inputs,
-    stream: Stream,
-    lr: float | None,
-    hardware: Any,
-    order_seed: int,
-) -> dict[str, float]:
-    n, shots = stream.train.shape
-    method.begin_stream(lr, n)
-    labels = torch.arange(n).repeat_interleave(shots)
-    items = stream.train.flatten()
-    if method.cumulative:
-        perm = torch.randperm(items.numel(), generator=torch.Generator().manual_seed(order_seed))
-        items, labels = items[perm], labels[perm]
-    frozen = method.capabilities.frozen_embedding
-    seen = 0
-    for k in range(items.numel()):
-        y = int(labels[k])
-        seen = max(seen, y + 1)
-        classes = torch.arange(seen if not method.cumulative else n, device=hardware.device)
-        x = inputs[items[k : k + 1].to(inputs.values.device)]
-        target = torch.tensor([y], device=hardware.device)
-        with hardware.autocast():
-            if frozen:
-                method.observe_embedded(x, target, classes, score=False)
-            else:
-                method.observe(x, target, classes)
-        last_of_class = k + 1 == items.numel() or int(labels[k + 1]) != y
-        if last_of_class and not method.cumulative:
-
-            def sample(m: int, c: int = y) -> tuple[torch.Tensor, torch.Tensor]:
-                idx = stream.train[c][:m]
-                return inputs[idx.to(inputs.values.device)], torch.full((idx.numel(),), c)
-
-            method.end_task(sample, classes)
-    result = {
-        "test": _accuracy(method, inputs, stream.test, hardware),
-        "train": _accuracy(method, inputs, stream.train, hardware),
-    }
-    if snapshot is not None:  # learners that change more than a head: back to the start
-        method.load_state_dict(snapshot)
+                method.end_task(sample, classes)
+        result = {
+            "test": _accuracy(method, inputs, stream.test, hardware),
+            "train": _accuracy(method, inputs, stream.train, hardware),
+        }
+        if snapshot is not None:  # learners that change more than a head: back to the start
+            method.load_state_dict(snapshot)
     return result
 
 
