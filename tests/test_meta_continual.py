@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate as hydra_instantiate
+from hydra.utils import instantiate
 from torch import nn
 
 from metarun.continual.methods import ANML, EWC, MER, SBMCL, LaMAML, Prototypes
@@ -680,8 +680,8 @@ def test_prototypes_take_the_encoder_of_a_continual_run(make_cfg, tmp_path, data
     last = tmp_path / "p" / "checkpoints" / "last.pt"
     method = torch.load(last, weights_only=True)["method"]
     cfg = make_cfg(*tiny_benchmark("prototypes"), f"algo.encoder_checkpoint={last}", tiny=False)
-    backbone = hydra_instantiate(cfg.model)(input_shape=(1, 28, 28))
-    protos = hydra_instantiate(cfg.algo)(backbone=backbone, n_classes=10,
+    backbone = instantiate(cfg.model)(input_shape=(1, 28, 28))
+    protos = instantiate(cfg.algo)(backbone=backbone, n_classes=10,
                                          input_shape=(1, 28, 28), seed=1)  # fmt: skip
     assert isinstance(protos, Prototypes) and not isinstance(protos, Pretrained)
     for key, value in protos.backbone.state_dict().items():
