@@ -5,6 +5,7 @@ the meta-continual benchmark's protocol, and the MNIST Rotations protocol."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 
@@ -174,6 +175,46 @@ def test_the_meta_training_gradient_reaches_the_sbmcl_prior(covariance):
     before = [p.item() for p in prior]
     assert len(prior) == 2 and method.pretrain(pool, 0, lambda it, loss, acc: False) == 2
     assert all(p.item() != b for p, b in zip(prior, before, strict=True))
+
+
+def test_grouped_episodes_take_whole_groups_until_the_episode_is_full():
+    from metarun.continual.methods.base import draw_classes
+    from metarun.data.episodes import ClassPool
+
+    sizes = [3, 5, 2, 4, 6]  # classes per group
+    groups = [f"g{i}" for i, n in enumerate(sizes) for _ in range(n)]
+    images = torch.zeros(len(groups), 2, 1, 2, 2, dtype=torch.uint8)
+    pool = ClassPool.from_grouped(images, [str(i) for i in range(len(groups))], groups)
+    g = torch.Generator().manual_seed(0)
+    spans = set()
+    for _ in range(50):
+        classes = draw_classes(pool, 7, True, g).tolist()
+        assert len(set(classes)) == 7
+        drawn = [groups[c] for c in classes]
+        spans.add(tuple(dict.fromkeys(drawn)))
+        # every group but the last one drawn is taken whole, in one run of the episode
+        for name in list(dict.fromkeys(drawn))[:-1]:
+            assert drawn.count(name) == groups.count(name)
+        assert len(dict.fromkeys(drawn)) == len([k for k, _ in itertools.groupby(drawn)])
+    assert len(spans) > 5  # the groups come in random order
+    uniform = [groups[c] for c in draw_classes(pool, 7, False, g).tolist()]
+    assert len(uniform) == 7
+    plain = ClassPool.from_grouped(images, [str(i) for i in range(len(groups))])
+    with pytest.raises(ValueError, match="episode_classes=random"):
+        draw_classes(plain, 7, True, g)
+
+
+def test_rotated_meta_training_classes_keep_their_alphabet_and_angle(bench, data_dir, cache_dir):
+    from metarun.continual.scenarios import omniglot_meta_continual
+
+    turned = omniglot_meta_continual(str(data_dir), str(cache_dir), sizes=(5,), draws=1,
+                                     meta_train_rotations=True).meta_train  # fmt: skip
+    assert turned.n_classes == 4 * bench.meta_train.n_classes
+    for c in (0, 1, 2, 3, 4 * 400 + 2):
+        character, angle = turned.class_names[c].rsplit("/", 1)
+        assert turned.groups[c] == f"{character.split('/')[1]}/{angle}"
+        assert angle == f"rot{90 * (c % 4):03d}"
+    assert torch.equal(turned.drawers[4 * 7 + 3], bench.meta_train.drawers[7])
 
 
 # --- ANML: the gate, and what learns in the stream ------------------------------------------

@@ -563,7 +563,9 @@ def omniglot_meta_continual(
         grouped = meta_train.images.view(meta_train.n_classes, DRAWINGS, *meta_train.image_shape)
         turned = torch.stack([torch.rot90(grouped, k, dims=(-2, -1)) for k in range(4)], dim=1)
         names = [f"{n}/rot{90 * k:03d}" for n in meta_train.class_names for k in range(4)]
-        meta_train = ClassPool.from_grouped(turned.flatten(0, 1), names)
+        groups = [f"{a}/rot{90 * k:03d}" for a in meta_train.groups for k in range(4)]
+        drawers = None if meta_train.drawers is None else meta_train.drawers.repeat_interleave(4, 0)
+        meta_train = ClassPool.from_grouped(turned.flatten(0, 1), names, groups, drawers)
     if validation:
         evaluation = selection
         sizes = sorted({min(int(n), selection.n_classes) for n in sizes})

@@ -193,6 +193,8 @@ class PrototypesConfig:
     lr_decay_every: int = at_least(0)  # halve meta_lr every N episodes; 0: never
     meta_max_minutes: float | None = positive(None)
     encoder_checkpoint: str | None = None  # start from another run's encoder (best.pt)
+    # an episode's classes: at random, or whole groups (Omniglot: alphabets) until full
+    episode_classes: str = choice("random", "grouped", default="random")
 
 
 @dataclass

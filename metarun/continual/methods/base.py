@@ -132,6 +132,34 @@ def draw_items(
     return torch.stack(picked)
 
 
+def draw_classes(
+    pool: ClassPool, ways: int, grouped: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """``ways`` distinct meta-training classes of ``pool``: uniformly at random, or
+    (``grouped``) whole groups of the pool (Omniglot: an alphabet, each rotation its own) in
+    random order, each group's classes shuffled, until ``ways`` are taken; so most of a
+    class's rivals in the episode are classes of its own group."""
+    if not grouped:
+        return torch.randperm(pool.n_classes, generator=generator)[:ways]
+    if pool.groups is None:
+        raise ValueError(
+            "algo.episode_classes=grouped draws episodes group by group, and this "
+            "meta-training pool does not record the group (alphabet) of its classes. Use "
+            "algo.episode_classes=random."
+        )
+    names = sorted(set(pool.groups))
+    index = {name: i for i, name in enumerate(names)}
+    group_of = torch.tensor([index[g] for g in pool.groups])
+    picked, taken = [], 0
+    for g in torch.randperm(len(names), generator=generator).tolist():
+        members = torch.nonzero(group_of == g).flatten()
+        picked.append(members[torch.randperm(members.numel(), generator=generator)])
+        taken += members.numel()
+        if taken >= ways:
+            break
+    return torch.cat(picked)[:ways]
+
+
 def decayed(lr: float, iteration: int, every: int, gamma: float = 0.5) -> float:
     """``lr`` times ``gamma`` every ``every`` iterations (0: never), as a function of the
     iteration, so a resumed meta-training continues the schedule."""

@@ -29,6 +29,7 @@ from metarun.continual.methods.base import (
     MetaLog,
     StreamCapabilities,
     decayed,
+    draw_classes,
     draw_items,
     pool_images,
     require_meta_training,
@@ -46,9 +47,11 @@ class ClassStatistics(ContinualLearner):
     (:meth:`class_logits`).
 
     Meta-training: ``meta_iterations`` episodes, each ``ways`` classes of the meta-training
-    pool with ``shots`` support and ``query_shots`` query images per class; the class model
-    is built from the support features and the loss is the cross-entropy of the queries'
-    scores; Adam at ``meta_lr``, halved every ``lr_decay_every`` episodes (0: never).
+    pool (at random, or with ``episode_classes="grouped"`` group by group: whole alphabets,
+    so that a class's rivals are mostly characters of its own alphabet, as in a long
+    stream) with ``shots`` support and ``query_shots`` query images per class; the class
+    model is built from the support features and the loss is the cross-entropy of the
+    queries' scores; Adam at ``meta_lr``, halved every ``lr_decay_every`` episodes (0: never).
     ``meta_max_minutes`` ends meta-training once that much time has been spent in it (the
     recipe keeps the clock, across resumes).
     With ``encoder_checkpoint`` (a metarun run's ``best.pt``, e.g. a ProtoNet run) the
@@ -80,9 +83,13 @@ class ClassStatistics(ContinualLearner):
         lr_decay_every: int = 2000,
         meta_max_minutes: float | None = None,
         encoder_checkpoint: str | None = None,
+        episode_classes: str = "random",
         task: TaskKind = CLASSIFICATION,
     ):
         super().__init__(backbone, n_classes, input_shape, seed, lr=meta_lr, task=task)
+        if episode_classes not in ("random", "grouped"):
+            raise ValueError(f"episode_classes must be random or grouped, not {episode_classes!r}")
+        self.grouped_episodes = episode_classes == "grouped"
         self.meta_iterations, self.meta_max_minutes = meta_iterations, meta_max_minutes
         self.episode = (ways, shots, query_shots)
         self.lr_decay_every = lr_decay_every
@@ -140,7 +147,7 @@ class ClassStatistics(ContinualLearner):
         for it in range(iteration, self.meta_iterations):
             for group in self.optimizer.param_groups:
                 group["lr"] = decayed(self.lr, it, self.lr_decay_every)
-            classes = torch.randperm(pool.n_classes, generator=self.generator)[:ways]
+            classes = draw_classes(pool, ways, self.grouped_episodes, self.generator)
             items = draw_items(pool, classes, shots + queries, self.generator)
             with self.autocast():
                 z = self.backbone(pool_images(pool, items, self)).float()
