@@ -489,7 +489,7 @@ def test_and_report(
         logger.log(iteration, {f"test/{m}_step{steps}": result.mean})
         after_steps[str(steps)] = {m: result.mean, "ci95": result.ci95}
         scores.setdefault("after_steps", {})[str(steps)] = result.scores
-    # Each test episode's score, for paired comparisons and tails (scripts/episode_scores.py).
+    # Each test episode's score, for paired comparisons and tails (metarun report --episodes).
     (run_dir / "test_scores.json").write_text(json.dumps(scores) + "\n")
     if hasattr(dataset, "figures"):  # e.g. a few adapted sinusoid curves
         for tag, image in dataset.figures(algo, episodes(), e.report_steps).items():
