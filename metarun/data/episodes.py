@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -143,6 +144,16 @@ class ClassPool:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @cached_property
+    def group_classes(self) -> dict[str, list[int]]:
+        """The classes of each group, in order of first appearance (``groups`` required)."""
+        if self.groups is None:
+            raise ValueError("this pool does not record the group of its classes")
+        by_group: dict[str, list[int]] = {}
+        for index, group in enumerate(self.groups):
+            by_group.setdefault(group, []).append(index)
+        return by_group
 
 
 def _check_small_classes(

@@ -69,9 +69,7 @@ class WithinAlphabetSampler:
         self.pool = pool
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         drawers_needed = shots + query_shots
-        by_group: dict[str, list[int]] = {}
-        for index, group in enumerate(pool.groups):
-            by_group.setdefault(group, []).append(index)
+        by_group = pool.group_classes
         # Per usable alphabet: (its classes, items (n_classes, n_common_drawers)), the
         # columns being the drawers who drew every one of its classes.
         self._alphabets: list[tuple[np.ndarray, np.ndarray]] = []

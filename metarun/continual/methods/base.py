@@ -147,12 +147,10 @@ def draw_classes(
             "meta-training pool does not record the group (alphabet) of its classes. Use "
             "algo.episode_classes=random."
         )
-    names = sorted(set(pool.groups))
-    index = {name: i for i, name in enumerate(names)}
-    group_of = torch.tensor([index[g] for g in pool.groups])
+    names = sorted(pool.group_classes)
     picked, taken = [], 0
     for g in torch.randperm(len(names), generator=generator).tolist():
-        members = torch.nonzero(group_of == g).flatten()
+        members = torch.tensor(pool.group_classes[names[g]])
         picked.append(members[torch.randperm(members.numel(), generator=generator)])
         taken += members.numel()
         if taken >= ways:
