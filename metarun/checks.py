@@ -23,7 +23,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from metarun.config import SCHEMAS, EvalConfig, RunConfig, TrainConfig
-from metarun.errors import ConfigError
+from metarun.errors import CheckpointError, ConfigError
 from metarun.tasks import CLASSIFICATION, TaskKind
 
 log = logging.getLogger("metarun")
@@ -173,13 +173,7 @@ def check_meta_learning(cfg: DictConfig) -> None:
         _check_capabilities(cfg, name, caps, task)
     _check_episode_kinds(cfg)
     _check_hardware(cfg.hardware, name, _second_order_through_backbone(cfg.algo, caps))
-    for key in ("encoder_checkpoint",):
-        path = _opt(cfg.algo, key)
-        if path and not Path(path).expanduser().is_file():
-            raise ConfigError(
-                f"algo.{key}={path}: no such file. Give the best.pt (or last.pt) of a run "
-                f"whose backbone this one should use, or null to train the backbone here."
-            )
+    _check_encoder_checkpoint(cfg)
     if "members" in cfg.algo.keys():  # algo=ensemble: its trained runs exist and match its data
         _check_members(cfg.algo)
 
@@ -291,6 +285,49 @@ NEEDS = {  # why a dataset may not offer an episode kind or augmentation
 }
 
 
+# model settings that do not change what a trained backbone computes
+TRAINING_ONLY_MODEL_KEYS = ("_partial_", "bn_momentum", "init", "init_std")
+
+
+def _check_encoder_checkpoint(cfg: DictConfig) -> None:
+    """``algo.encoder_checkpoint``: a readable metarun checkpoint written with this run's
+    model settings. Settings without weights (conv4's ``pool_blocks``, ``flatten``) would
+    load without an error and compute other features, so the saved ``model`` is compared."""
+    path = _opt(cfg.algo, "encoder_checkpoint")
+    if not path:
+        return
+    from metarun.checkpoint import load, saved_config
+
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(
+            f"algo.encoder_checkpoint={path}: no such file. Give the best.pt (or last.pt) of "
+            f"a run whose backbone this one should use, or null to train the backbone here."
+        )
+    try:
+        saved = saved_config(load(Path(path).expanduser()), path)
+    except CheckpointError as err:
+        raise ConfigError(f"algo.encoder_checkpoint: {err}") from None
+    if "model" not in saved:
+        return
+    theirs = OmegaConf.to_container(saved.model, resolve=True)
+    ours = OmegaConf.to_container(cfg.model, resolve=True)
+    differ = sorted(
+        k
+        for k in set(theirs) | set(ours)
+        if k not in TRAINING_ONLY_MODEL_KEYS and theirs.get(k) != ours.get(k)
+    )
+    if differ:
+        wanted = " ".join(f"model.{k}={theirs.get(k)}" for k in differ if k != "_target_")
+        raise ConfigError(
+            f"algo.encoder_checkpoint={path} was written by a run with "
+            + ", ".join(f"model.{k}={theirs.get(k)!r}" for k in differ)
+            + "; this run has "
+            + ", ".join(f"model.{k}={ours.get(k)!r}" for k in differ)
+            + ". Its weights would compute other features here: use that run's model"
+            + (f" ({wanted})." if wanted and "_target_" not in differ else "= and settings.")
+        )
+
+
 def _check_members(a: DictConfig) -> None:
     """The trained runs of ``algo=ensemble``: at least two, each with a checkpoint whose
     config is metarun's own, trained on the ensemble's split and image size."""
@@ -390,6 +427,7 @@ def check_continual(cfg: DictConfig) -> None:
         _opt(cfg.algo, "first_order") is False
     )
     _check_hardware(cfg.hardware, name, second_order)
+    _check_encoder_checkpoint(cfg)
 
 
 def _has_meta_training(scenario: DictConfig, fn: Any) -> bool:

@@ -177,6 +177,47 @@ def test_the_meta_training_gradient_reaches_the_sbmcl_prior(covariance):
     assert all(p.item() != b for p, b in zip(prior, before, strict=True))
 
 
+class Recording(Flat):
+    """:class:`Flat` that keeps every batch it is given."""
+
+    def __init__(self, d: int):
+        super().__init__(d)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("augment", ["none", "affine"])
+def test_affine_augment_distorts_meta_training_images_but_not_the_streams(augment):
+    from metarun.data.episodes import ClassPool
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(6, 8, 1, 12, 12, generator=g) < 0.3).to(torch.uint8) * 255
+    pool = ClassPool.from_grouped(images, [str(i) for i in range(6)])
+    backbone = Recording(144)
+    method = Prototypes(backbone, 6, (1, 12, 12), seed=0, ways=3, shots=2, query_shots=2,
+                        meta_iterations=3, augment=augment)  # fmt: skip
+    assert method.pretrain(pool, 0, lambda it, loss, acc: False) == 3
+    originals = images.flatten(0, 1).float().div(255).flatten(1)
+    for batch in backbone.seen:
+        assert batch.shape == (12, 1, 12, 12) and batch.min() >= 0 and batch.max() <= 1
+        # each image's distance to the nearest image of the pool: 0 for an undistorted one
+        nearest = torch.cdist(batch.flatten(1), originals).min(1).values
+        if augment == "none":
+            assert (nearest == 0).all()
+        else:  # each of 4 components drawn with probability 1/2: some images stay whole
+            assert (nearest > 0).float().mean() > 0.7
+    backbone.seen.clear()
+    x = images[0, :2].float().div(255)
+    method.begin_stream(None)
+    method.observe(x, torch.tensor([0, 0]), torch.arange(6))
+    assert torch.equal(backbone.seen[0], x)
+    with pytest.raises(ValueError, match="none or affine"):
+        Prototypes(Recording(144), 6, (1, 12, 12), seed=0, augment="elastic")
+
+
 def test_grouped_episodes_take_whole_groups_until_the_episode_is_full():
     from metarun.continual.methods.base import draw_classes
     from metarun.data.episodes import ClassPool
@@ -727,6 +768,20 @@ def test_prototypes_take_the_encoder_of_a_continual_run(make_cfg, tmp_path, data
     assert isinstance(protos, Prototypes) and not isinstance(protos, Pretrained)
     for key, value in protos.backbone.state_dict().items():
         assert torch.equal(value, method[f"backbone.{key}"]), key
+    # checked before any data loads: the file, and the model it was written with (conv4
+    # with another pool_blocks has the same weights and computes other features)
+    from metarun.checks import check_continual
+    from metarun.errors import ConfigError
+
+    check_continual(cfg)
+    other = make_cfg(*tiny_benchmark("prototypes"), f"algo.encoder_checkpoint={last}",
+                     "model.pool_blocks=3", tiny=False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"with model.pool_blocks=4; this run has model.pool"):
+        check_continual(other)
+    missing = make_cfg(*tiny_benchmark("prototypes"),
+                       f"algo.encoder_checkpoint={tmp_path / 'none.pt'}", tiny=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="no such file"):
+        check_continual(missing)
 
 
 def test_meta_training_in_bf16_is_mixed_precision_and_learns(make_cfg, tmp_path):

@@ -195,6 +195,8 @@ class PrototypesConfig:
     encoder_checkpoint: str | None = None  # start from another run's encoder (best.pt)
     # an episode's classes: at random, or whole groups (Omniglot: alphabets) until full
     episode_classes: str = choice("random", "grouped", default="random")
+    # affine: Koch et al.'s random affine distortions of every meta-training image
+    augment: str = choice("none", "affine", default="none")
 
 
 @dataclass

@@ -58,7 +58,7 @@ def random_affine(n: int, generator: torch.Generator) -> torch.Tensor:
 def distort(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random affine distortions of ``(n, C, H, W)`` uint8 images -> float in [0, 1]."""
     x = images.float().div_(255)
-    theta = random_affine(x.shape[0], generator)
+    theta = random_affine(x.shape[0], generator).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

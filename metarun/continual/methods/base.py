@@ -105,10 +105,23 @@ def require_meta_training(pool: object, method: str) -> None:
         )
 
 
-def pool_images(pool: ClassPool, items: torch.Tensor, like: nn.Module) -> torch.Tensor:
+def pool_images(
+    pool: ClassPool,
+    items: torch.Tensor,
+    like: nn.Module,
+    distort_with: torch.Generator | None = None,
+) -> torch.Tensor:
     """The pool's images ``items`` (any shape of indices, flattened) as floats in [0, 1] on
-    ``like``'s device, in its memory format (NHWC when its convolutions are)."""
-    x = pool.images[items.flatten()].to(next(like.parameters()).device).float().div_(255)
+    ``like``'s device, in its memory format (NHWC when its convolutions are); with
+    ``distort_with``, each image randomly distorted (:func:`metarun.data.augment.distort`,
+    the distortions drawn from that generator)."""
+    x = pool.images[items.flatten()].to(next(like.parameters()).device)
+    if distort_with is None:
+        x = x.float().div_(255)
+    else:
+        from metarun.data.augment import distort
+
+        x = distort(x, distort_with)
     conv = next((p for p in like.parameters() if p.dim() == 4), None)
     if x.dim() == 4 and conv is not None and conv.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)

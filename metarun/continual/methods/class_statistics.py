@@ -52,6 +52,8 @@ class ClassStatistics(ContinualLearner):
     stream) with ``shots`` support and ``query_shots`` query images per class; the class
     model is built from the support features and the loss is the cross-entropy of the
     queries' scores; Adam at ``meta_lr``, halved every ``lr_decay_every`` episodes (0: never).
+    With ``augment="affine"`` every meta-training image is randomly distorted (Koch et al.'s
+    affine distortions, :mod:`metarun.data.augment`); the stream's images never are.
     ``meta_max_minutes`` ends meta-training once that much time has been spent in it (the
     recipe keeps the clock, across resumes).
     With ``encoder_checkpoint`` (a metarun run's ``best.pt``, e.g. a ProtoNet run) the
@@ -84,12 +86,16 @@ class ClassStatistics(ContinualLearner):
         meta_max_minutes: float | None = None,
         encoder_checkpoint: str | None = None,
         episode_classes: str = "random",
+        augment: str = "none",
         task: TaskKind = CLASSIFICATION,
     ):
         super().__init__(backbone, n_classes, input_shape, seed, lr=meta_lr, task=task)
         if episode_classes not in ("random", "grouped"):
             raise ValueError(f"episode_classes must be random or grouped, not {episode_classes!r}")
         self.grouped_episodes = episode_classes == "grouped"
+        if augment not in ("none", "affine"):
+            raise ValueError(f"augment must be none or affine, not {augment!r}")
+        self.augment = augment == "affine"
         self.meta_iterations, self.meta_max_minutes = meta_iterations, meta_max_minutes
         self.episode = (ways, shots, query_shots)
         self.lr_decay_every = lr_decay_every
@@ -149,8 +155,9 @@ class ClassStatistics(ContinualLearner):
                 group["lr"] = decayed(self.lr, it, self.lr_decay_every)
             classes = draw_classes(pool, ways, self.grouped_episodes, self.generator)
             items = draw_items(pool, classes, shots + queries, self.generator)
+            x = pool_images(pool, items, self, self.generator if self.augment else None)
             with self.autocast():
-                z = self.backbone(pool_images(pool, items, self)).float()
+                z = self.backbone(x).float()
             z = z.view(ways, shots + queries, -1)
             support, query = z[:, :shots], z[:, shots:].reshape(ways * queries, -1)
             count = torch.full((ways,), float(shots), device=z.device)
