@@ -249,11 +249,16 @@ def test_omniglot_continual_with_oml_meta_trains_then_learns_the_stream(make_cfg
     assert len(results["matrix"]) == 4 and results["continual"]["forgetting"] is not None
 
 
-def test_every_lifelong_experiment_builds_and_takes_an_update(make_cfg, data_dir, cache_dir):
+def test_every_lifelong_experiment_builds_and_takes_an_update(
+    make_cfg, data_dir, cache_dir, tmp_path
+):
     """Each stream experiment composes, builds its scenario and method the way the loop
-    does, and takes one update on two training examples of its first task."""
+    does, and takes one update on two training examples of its first task (a recipe that
+    starts from another run's encoder: from a checkpoint of its model, written here)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from metarun.checks import check_continual
 
     folder = Path(__file__).resolve().parents[1] / "metarun" / "configs" / "experiment"
 
@@ -275,6 +280,12 @@ def test_every_lifelong_experiment_builds_and_takes_an_update(make_cfg, data_dir
         key = OmegaConf.to_yaml(cfg.scenario)  # experiments of one family share the stream
         scenario = built[key] = built.get(key) or instantiate(cfg.scenario)
         backbone = instantiate(cfg.model)(input_shape=scenario.input_shape)
+        if cfg.algo.get("encoder_checkpoint"):
+            weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+            saved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            torch.save({"config": saved, "method": weights}, tmp_path / f"{name}.pt")
+            cfg.algo.encoder_checkpoint = str(tmp_path / f"{name}.pt")
+            check_continual(cfg)
         method = instantiate(cfg.algo)(
             backbone=backbone,
             n_classes=scenario.n_classes,
