@@ -256,7 +256,8 @@ def _check_iterations(t: DictConfig, name: str, caps: Any) -> None:
 
 
 def _check_episode_kinds(cfg: DictConfig) -> None:
-    """``train.episodes``, ``eval.episodes`` and ``train.augment`` against what the dataset
+    """``train.episodes``, ``eval.episodes``, ``train.augment`` and ``eval.test_views``
+    against what the dataset
     declares on its class (``episode_kinds``, ``augmentations``; ``standard`` and ``none``
     for a dataset that declares none)."""
     dataset_cls = target_class(cfg.dataset)
@@ -276,6 +277,13 @@ def _check_episode_kinds(cfg: DictConfig) -> None:
                 f"{NEEDS.get(value, 'it is not declared')}. Set {key}={offered[0]}, or use "
                 f"dataset=omniglot."
             )
+    views = OmegaConf.select(cfg, "eval.test_views", default=0) or 0
+    if views and "affine" not in augments:
+        raise ConfigError(
+            f"eval.test_views={views} is not offered by {name}: the test-time views are "
+            f"affine distortions, and {NEEDS['affine']}. Set eval.test_views=0, or use "
+            f"dataset=omniglot."
+        )
 
 
 NEEDS = {  # why a dataset may not offer an episode kind or augmentation

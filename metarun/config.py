@@ -63,6 +63,7 @@ class EvalConfig:
     episode_seed: int = at_least(0)  # fixes the validation and test episodes for every run
     report_steps: list[int] = at_least(0)  # also test after these adaptation steps
     episodes: EpisodeKind = MISSING  # standard | within_alphabet (validation and test)
+    test_views: int = at_least(0)  # test episodes also seen through N random distortions
 
 
 @dataclass

@@ -104,13 +104,18 @@ def evaluate(
     steps: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_episode: Callable[[], None] | None = None,
+    views: int = 0,
 ) -> EvalResult:
     """Adapts ``algo`` to the support set of each of the next ``episodes`` episodes and
     scores its query predictions with ``score`` (the task's metric, named ``metric``).
     ``steps`` asks an algorithm that declares ``adaptation_steps`` for that many adaptation
     steps instead of its ``test_adaptation_steps``. ``should_stop`` is asked before each
     episode; when it answers yes, :class:`EvaluationStopped` is raised. ``on_episode`` is
-    called after each episode (a progress bar). The algorithm's state is left as it was."""
+    called after each episode (a progress bar). ``views > 0`` (test-time distortions, for
+    image classification): each episode is also predicted ``views`` times with every support
+    and query image randomly distorted (:func:`metarun.data.augment.warp`, Koch et al.'s
+    distortions, from a generator seeded the same for every run), and the logits averaged.
+    The algorithm's state is left as it was."""
     capabilities = type(algo).capabilities
     if steps is not None and not capabilities.adaptation_steps:
         raise ValueError(f"{type(algo).__name__} takes no adaptation step count")
@@ -118,12 +123,19 @@ def evaluate(
     was_training = algo.training  # type: ignore[attr-defined]
     algo.eval()  # type: ignore[attr-defined]
     accs = torch.empty(episodes)
+    generator = torch.Generator().manual_seed(0)  # the test-time distortions (views)
     try:
         for i in range(episodes):
             if should_stop is not None and should_stop():
                 raise EvaluationStopped
             ep = sampler.sample().to(hardware.device, hardware.memory_format)
             predictions = predict_queries(algo, ep, hardware, steps)
+            if views:
+                predictions = predictions.float()
+                for _ in range(views):
+                    bent = distorted(ep, generator, hardware)
+                    predictions += predict_queries(algo, bent, hardware, steps).float()
+                predictions /= views + 1
             with hardware.autocast():
                 with torch.no_grad():
                     accs[i] = score(predictions, ep.query_y).item()
@@ -157,6 +169,20 @@ def predict_queries(
         predict = algo.adapt(episode.support_x, episode.support_y, **adapt_kwargs)
         with torch.no_grad():
             return predict(episode.query_x)
+
+
+def distorted(episode: Episode, generator: torch.Generator, hardware: Hardware) -> Episode:
+    """The episode with every support and query image randomly distorted (floats in [0, 1]
+    on ``hardware``'s device, in its memory format)."""
+    from metarun.data.augment import warp
+
+    def bent(x: torch.Tensor) -> torch.Tensor:
+        return warp(x, generator).contiguous(memory_format=hardware.memory_format)
+
+    return Episode(
+        bent(episode.support_x), episode.support_y, bent(episode.query_x), episode.query_y,
+        episode.classes,
+    )  # fmt: skip
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:

@@ -217,9 +217,10 @@ def _read_run(files: dict[str, Callable[[], bytes]], number: int, size: int) -> 
     )
 
 
-def run_errors(algo: Any, runs: list[LakeRun], hardware: Any) -> list[int]:
+def run_errors(algo: Any, runs: list[LakeRun], hardware: Any, views: int = 0) -> list[int]:
     """Wrong queries in each run: ``algo`` adapts to the run's 20 training images and
-    classifies its 20 queries, through :func:`metarun.evaluation.evaluate`."""
+    classifies its 20 queries, through :func:`metarun.evaluation.evaluate` (``views``:
+    its test-time distortions)."""
     import torch
 
     from metarun.data.episodes import Episode
@@ -231,7 +232,7 @@ def run_errors(algo: Any, runs: list[LakeRun], hardware: Any) -> list[int]:
             run.support, torch.arange(WAYS), run.query, run.labels, torch.arange(WAYS)
         )
         try:
-            acc = evaluate(algo, _OneEpisode(episode), 1, hardware).mean
+            acc = evaluate(algo, _OneEpisode(episode), 1, hardware, views=views).mean
         except ValueError as err:  # e.g. a head with a fixed number of ways
             raise ProtocolError(
                 f"{type(algo).__name__} cannot classify Lake's {WAYS}-way runs: {err}"
@@ -284,9 +285,11 @@ def evaluate_lake(
     force: bool = False,
     allow_download: bool = True,
     device: str = "auto",
+    views: int | None = None,
 ) -> dict[str, Any]:
     """Evaluates a run folder (its ``best.pt``, else ``last.pt``) or a checkpoint on the
-    20 runs, writes ``lake.json`` into the run folder and returns its contents."""
+    20 runs, writes ``lake.json`` into the run folder and returns its contents. ``views``:
+    test-time distortions (``eval.test_views``; None: the run's own setting)."""
     from metarun import trained
     from metarun.data.files import data_root
     from metarun.hardware import Hardware
@@ -307,12 +310,17 @@ def evaluate_lake(
     algo, size = trained.restore(saved, hardware), saved.input_shape()[-1]
     ckpt_path = saved.path
     runs = read_runs(source, size)
-    errors = run_errors(algo, runs, hardware)
+    if views is None:
+        views = int((config.get("eval") or {}).get("test_views", 0))
+    if views < 0:
+        raise ProtocolError(f"--views={views}: give 0 (no distortions) or more views")
+    errors = run_errors(algo, runs, hardware, views)
     trials = RUNS * WAYS
     result = {
         "checkpoint": str(ckpt_path),
         "algorithm": type(algo).__name__,
         "trained_split": split,
+        "test_views": views,
         "forced": split not in BACKGROUND_ONLY_SPLITS,
         "source": str(source),
         "protocol": (
@@ -373,13 +381,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-download", action="store_true", help="never download all_runs.zip")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--views",
+        type=int,
+        default=None,
+        help="test-time distortions per run (eval.test_views; default: the run's own)",
+    )
     args = parser.parse_args(argv)
 
     from metarun.errors import USER_ERRORS
 
     try:
         result = evaluate_lake(
-            args.target, args.data_dir, args.force, not args.no_download, args.device
+            args.target,
+            args.data_dir,
+            args.force,
+            not args.no_download,
+            args.device,
+            args.views,
         )
     except USER_ERRORS as err:  # ProtocolError is a ValueError; anything else is a bug
         print(f"metarun-lake: error: {err}", file=sys.stderr)

@@ -133,6 +133,7 @@ def test_scores_a_hand_made_case_with_a_known_error_rate(make_cfg, data, tmp_pat
     assert result["runs"][0]["error_pct"] == 15.0 and result["runs"][4]["error_pct"] == 5.0
     assert result["overall"] == {"errors": 4, "trials": 400, "error_pct": 1.0}
     assert not result["forced"] and result["algorithm"] == "ProtoNet"
+    assert result["test_views"] == 0  # the run's eval.test_views
     assert json.loads((run_dir / "lake.json").read_text()) == result
     assert result["references_error_pct"]["deep convnet"] == 13.5
 

@@ -365,6 +365,8 @@ def test_a_huge_meta_lr_stops_on_non_finite_statistics_instead_of_finishing(tiny
         ("algo=ensemble train.iterations=5", "Ensemble has nothing to train"),
         ("dataset=mnist eval.episodes=within_alphabet", "eval.episodes=within_alphabet is not"),
         ("dataset=mnist train.augment=affine", "train.augment=affine is not offered by MNIST"),
+        ("dataset=mnist eval.test_views=4", "eval.test_views=4 is not offered by MNIST"),
+        ("eval.test_views=-1", "eval.test_views=-1 is out of range: it must be >= 0"),
         ("train.meta_lr=-1", "train.meta_lr=-1.0 is out of range: it must be > 0"),
         ("+train.iteratons=5", "unknown option train.iteratons: TrainConfig has no such key. "
          "Did you mean train.iterations?"),

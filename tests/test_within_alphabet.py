@@ -302,3 +302,38 @@ def test_train_rotations_add_rotated_alphabets_to_training_only(data_dir, cache_
         assert len({train.groups[c] for c in ep.classes.tolist()}) == 1
     with pytest.raises(ValueError, match="vinyals split has them already"):
         Omniglot(str(data_dir), str(cache_dir), split="vinyals", train_rotations=True)
+
+
+def test_test_time_views_average_the_logits_of_distorted_copies(proxy):
+    """``eval.test_views``: each episode is predicted on itself and on ``views`` copies with
+    every image distorted (one seeded generator, support then query), and the logits are
+    averaged; by hand with a ProtoNet on a flattening backbone."""
+    from torch import nn
+
+    from metarun.algorithms import ProtoNet
+    from metarun.data.augment import warp
+    from metarun.evaluation import evaluate
+    from metarun.hardware import Hardware
+
+    class Flatten(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)
+
+    pool = proxy.pool("test")
+    algo, hardware = ProtoNet(Flatten()), Hardware("cpu")
+    sampler = lambda: fixed_episodes(pool, 20, 1, 1, 0, "within_alphabet")  # noqa: E731
+    plain = evaluate(algo, sampler(), 30, hardware)
+    seen = evaluate(algo, sampler(), 30, hardware, views=3)
+    g, accs, episodes = torch.Generator().manual_seed(0), [], sampler()
+    for _ in range(30):
+        ep = episodes.sample().to("cpu")
+        logits = 0
+        for view in range(4):
+            s, q = ep.support_x, ep.query_x
+            if view:
+                s, q = warp(s, g), warp(q, g)
+            protos = s.flatten(1)[ep.support_y.argsort()]
+            logits = logits - torch.cdist(q.flatten(1), protos).pow(2) / 4
+        accs.append((logits.argmax(1) == ep.query_y).float().mean().item())
+    assert seen.scores == pytest.approx(accs, abs=1e-6)
+    assert seen.scores != plain.scores  # the views change some predictions

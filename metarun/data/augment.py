@@ -57,8 +57,13 @@ def random_affine(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def distort(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random affine distortions of ``(n, C, H, W)`` uint8 images -> float in [0, 1]."""
-    x = images.float().div_(255)
-    theta = random_affine(x.shape[0], generator).to(x.device)
+    return warp(images.float().div_(255), generator)
+
+
+def warp(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random affine distortions of ``(n, C, H, W)`` float images (each its own; the
+    matrices drawn from ``generator`` on the CPU, the sampling on ``x``'s device)."""
+    theta = random_affine(x.shape[0], generator).to(x.device, x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -472,7 +472,7 @@ def test_and_report(
         with logger.evaluation(name, e.test_episodes) as step:
             return evaluate(
                 algo, episodes(), e.test_episodes, hardware, task.score, m, steps, should_stop,
-                on_episode=step,
+                on_episode=step, views=e.get("test_views", 0),
             )  # fmt: skip
 
     test = run_test()
