@@ -144,6 +144,7 @@ def test_test_mode_repeats_a_runs_test_and_tests_it_on_other_episodes(tiny, tmp_
     assert done.returncode == 0, done.stderr
     results = json.loads((other / "results.json").read_text())
     assert results["test"]["episodes"] == 9 and results["protocol"]["episode_seed"] == 1
+    assert results["protocol"]["test_views"] == 0
     assert results["tested"] == {"checkpoint": str(last), "iteration": 4}
     assert results["config"]["hardware"]["num_threads"] == 1
     assert json.loads((other / "test_scores.json").read_text())["episodes"][:6] != own["episodes"]

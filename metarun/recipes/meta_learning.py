@@ -643,6 +643,7 @@ def protocol(cfg: DictConfig, pools: dict, algo: torch.nn.Module) -> dict[str, A
         "eval_episode": {k: cfg.eval[k] for k in ("ways", "shots", "query_shots")}
         | {"episodes": _eval_kind(cfg.eval)},
         "episode_seed": cfg.eval.episode_seed,
+        "test_views": cfg.eval.get("test_views", 0),  # test-time distortions per episode
         "algorithm": type(algo).__name__,
         "algo": {k: v for k, v in algo_cfg.items() if not k.startswith("_")},
         "bn_mode": algo.bn_mode.value,
