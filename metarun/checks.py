@@ -257,9 +257,8 @@ def _check_iterations(t: DictConfig, name: str, caps: Any) -> None:
 
 def _check_episode_kinds(cfg: DictConfig) -> None:
     """``train.episodes``, ``eval.episodes``, ``train.augment`` and ``eval.test_views``
-    against what the dataset
-    declares on its class (``episode_kinds``, ``augmentations``; ``standard`` and ``none``
-    for a dataset that declares none)."""
+    against what the dataset declares on its class (``episode_kinds``, ``augmentations``;
+    ``standard`` and ``none`` for a dataset that declares none)."""
     dataset_cls = target_class(cfg.dataset)
     name = dataset_cls.__name__
     kinds = getattr(dataset_cls, "episode_kinds", ("standard",))
@@ -325,14 +324,16 @@ def _check_encoder_checkpoint(cfg: DictConfig) -> None:
         if k not in TRAINING_ONLY_MODEL_KEYS and theirs.get(k) != ours.get(k)
     )
     if differ:
-        wanted = " ".join(f"model.{k}={theirs.get(k)}" for k in differ if k != "_target_")
+        written = ", ".join(f"model.{k}={theirs.get(k)!r}" for k in differ)
+        here = ", ".join(f"model.{k}={ours.get(k)!r}" for k in differ)
+        fix = (
+            "that run's model= and settings"
+            if "_target_" in differ
+            else " ".join(f"model.{k}={theirs.get(k)}" for k in differ)
+        )
         raise ConfigError(
-            f"algo.encoder_checkpoint={path} was written by a run with "
-            + ", ".join(f"model.{k}={theirs.get(k)!r}" for k in differ)
-            + "; this run has "
-            + ", ".join(f"model.{k}={ours.get(k)!r}" for k in differ)
-            + ". Its weights would compute other features here: use that run's model"
-            + (f" ({wanted})." if wanted and "_target_" not in differ else "= and settings.")
+            f"algo.encoder_checkpoint={path} was written by a run with {written}; this run "
+            f"has {here}. Its weights would compute other features here: use {fix}."
         )
 
 
