@@ -276,7 +276,7 @@ def _check_episode_kinds(cfg: DictConfig) -> None:
                 f"{NEEDS.get(value, 'it is not declared')}. Set {key}={offered[0]}, or use "
                 f"dataset=omniglot."
             )
-    views = OmegaConf.select(cfg, "eval.test_views", default=0) or 0
+    views = cfg.eval.get("test_views", 0)
     if views and "affine" not in augments:
         raise ConfigError(
             f"eval.test_views={views} is not offered by {name}: the test-time views are "
