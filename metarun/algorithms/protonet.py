@@ -31,8 +31,16 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> tor
 
 
 def squared_euclidean_logits(queries: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-    """``-||q - c||^2``: ``(n_query, d)`` and ``(ways, d)`` -> logits ``(n_query, ways)``."""
-    return -((queries[:, None, :] - protos[None, :, :]) ** 2).sum(dim=-1)
+    """``-||q - c||^2``: ``(n_query, d)`` and ``(ways, d)`` -> logits ``(n_query, ways)``.
+
+    Expanded as ``2 q.c - ||q||^2 - ||c||^2`` so that the work is one matrix product: the
+    direct form builds an ``(n_query, ways, d)`` tensor, which made the distances most of a
+    step's time for wide embeddings (a 60-way step with 300 queries and 3136 features:
+    about 0.75 s against 9 ms on one CPU thread). In at least fp32 with autocast off, as
+    the expansion subtracts large numbers (see :func:`at_least_fp32`)."""
+    with torch.autocast(queries.device.type, enabled=False):
+        q, c = at_least_fp32(queries), at_least_fp32(protos)
+        return 2 * q @ c.T - (q * q).sum(dim=1, keepdim=True) - (c * c).sum(dim=1)
 
 
 def at_least_fp32(z: torch.Tensor) -> torch.Tensor:
