@@ -144,8 +144,9 @@ def test_protonet_logits_match_the_direct_distances_on_wide_embeddings():
     torch.manual_seed(0)
     q, c = torch.rand(30, 576) * 2, torch.rand(20, 576) * 2
     direct = -((q[:, None, :] - c[None, :, :]) ** 2).sum(dim=-1)
-    torch.testing.assert_close(squared_euclidean_logits(q, c), direct, rtol=1e-5, atol=1e-3)
-    assert (squared_euclidean_logits(q, c).argmax(1) == direct.argmax(1)).all()
+    logits = squared_euclidean_logits(q, c)
+    torch.testing.assert_close(logits, direct, rtol=1e-5, atol=1e-3)
+    assert (logits.argmax(1) == direct.argmax(1)).all()
 
 
 def test_protonet_meta_loss_is_cross_entropy_over_negative_distances():
